@@ -1,0 +1,113 @@
+"""
+What the vendor and driver apps share: command-line options, logging to
+stderr, the client, and a clean stop on Ctrl-C.
+"""
+
+import sys
+
+from twisted.internet import defer
+from twisted.internet.endpoints import clientFromString
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+from twisted.python import usage
+
+from caps.client import CapsClient
+from caps.frames import NAME
+
+DEFAULT_BROKER = "tcp:localhost:3000"
+
+
+def _count(value):
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"{value} is not a positive whole number")
+    return number
+
+
+_count.coerceDoc = "A positive whole number."
+
+
+def _seconds(value):
+    number = float(value)
+    if not number >= 0:
+        raise ValueError(f"{value} is not a number of seconds")
+    return number
+
+
+_seconds.coerceDoc = "Seconds (decimals allowed)."
+
+
+class AppOptions(usage.Options):
+    optParameters = [
+        [
+            "broker",
+            "b",
+            DEFAULT_BROKER,
+            "The broker, as a Twisted client endpoint description.",
+        ],
+        ["orders", "n", None, "Stop after this many orders (default: run on).", _count],
+    ]
+
+
+def check_name(value, option):
+    if not NAME.match(value):
+        raise usage.UsageError(
+            f"{option} {value!r} is not a valid clientId "
+            "(1 to 64 of A-Z a-z 0-9 . _ : -, starting with a letter or digit)"
+        )
+
+
+def parse(options, argv):
+    """
+    Parse C{argv} into C{options}, or exit with the error and the usage.
+    """
+    try:
+        options.parseOptions(argv)
+    except usage.UsageError as e:
+        raise SystemExit(f"{options}\nerror: {e}") from None
+    return options
+
+
+def emit(line):
+    """
+    Write one line of the app's story to standard output.
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def run(reactor, options, build):
+    """
+    Connect a client to the broker, start the app C{build(client)} makes,
+    and stop cleanly when it is done or the reactor shuts down (Ctrl-C):
+    confirmed publishes and acknowledgements are waited for, a few seconds
+    at most.
+
+    @return: a L{Deferred} that fires when the app is done.
+    """
+    globalLogBeginner.beginLoggingTo(
+        [
+            FilteringLogObserver(
+                textFileLogObserver(sys.stderr),
+                [LogLevelFilterPredicate(LogLevel.warn)],
+            )
+        ],
+        redirectStandardIO=False,
+    )
+    endpoint = clientFromString(reactor, options["broker"])
+    client = CapsClient(endpoint, reactor)
+    app = build(client)
+    reactor.addSystemEventTrigger("before", "shutdown", client.stop)
+    client.start()
+    app.start()
+    return defer.ensureDeferred(_until_done(app, client))
+
+
+async def _until_done(app, client):
+    await app.done
+    await client.stop()

@@ -1,0 +1,297 @@
+"""
+Frames: the wire format of the CAPS protocol, with no Twisted and no I/O.
+
+One JSON object per line.  L{parse_line} turns a client's line into a
+request id and a typed command, or raises L{FrameError} with a stable wire
+code; the encoders turn the broker's answers back into lines.
+"""
+
+import json
+import re
+
+import attrs
+
+# Names of events and clientIds.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
+
+CONTROL_EVENTS = frozenset(
+    {"subscribe", "unsubscribe", "getAll", "getall", "received", "ping"}
+)
+RESERVED_EVENTS = CONTROL_EVENTS | frozenset(
+    {
+        "ok",
+        "error",
+        "pong",
+        "nack",
+        "requeue",
+        "login",
+        "logout",
+        "hello",
+        "join",
+        "stats",
+    }
+)
+
+MAX_MESSAGE_ID = 128
+
+
+class ProtocolError(Exception):
+    """
+    A request the broker refuses, with a stable wire C{code}.
+
+    @ivar request_id: the client's C{id} for the frame, if it could be read.
+    """
+
+    code = "bad-frame"
+
+    def __init__(self, message, request_id=None):
+        super().__init__(message)
+        self.message = message
+        self.request_id = request_id
+
+
+class BadJSON(ProtocolError):
+    code = "bad-json"
+
+
+class BadFrame(ProtocolError):
+    code = "bad-frame"
+
+
+class BadName(ProtocolError):
+    code = "bad-name"
+
+
+class ReservedEvent(ProtocolError):
+    code = "reserved-event"
+
+
+@attrs.frozen
+class Subscribe:
+    client_id: str
+    event: str
+    filter: dict | None = None
+
+
+@attrs.frozen
+class Unsubscribe:
+    client_id: str
+    event: str
+    delete: bool = False
+
+
+@attrs.frozen
+class GetAll:
+    client_id: str
+    event: str
+
+
+@attrs.frozen
+class Received:
+    client_id: str
+    event: str
+    message_id: str
+
+
+@attrs.frozen
+class Ping:
+    payload: dict
+
+
+@attrs.frozen
+class Publish:
+    """
+    A message to route.
+
+    @ivar payload: the decoded payload, for routing by filter.
+    @ivar body: the payload encoded as compact JSON bytes: encoded once here
+        and written as is in every delivery.
+    @ivar to: the clientIds it is addressed to, without repeats, in order.
+    """
+
+    event: str
+    payload: dict
+    body: bytes
+    to: tuple = ()
+    message_id: str | None = None
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def decode_json(line):
+    """
+    Decode one line of UTF-8 JSON text, or raise L{BadJSON}.
+    """
+    try:
+        text = line.decode("utf-8")
+        return _decoder.decode(text)
+    except UnicodeDecodeError:
+        raise BadJSON("the line is not valid UTF-8") from None
+    except RecursionError:
+        raise BadJSON("the JSON is nested too deeply") from None
+    except ValueError as e:
+        # JSONDecodeError, NaN/Infinity, or an integer too long to convert.
+        raise BadJSON(f"the line is not valid JSON: {e}") from None
+
+
+def encode_json(value):
+    """
+    Encode a JSON value as compact UTF-8 bytes.
+
+    Non-ASCII text is kept as is, for people reading with netcat; a string
+    with a lone surrogate (which JSON escapes can carry but UTF-8 cannot) is
+    written with ASCII escapes instead.
+    """
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode(
+            "utf-8"
+        )
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":")).encode("ascii")
+
+
+def _field(obj, key, kind, where, request_id, required=True):
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise BadFrame(f"missing field {where}{key}", request_id)
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise BadFrame(f"field {where}{key} must be {_KIND_NAMES[kind]}", request_id)
+    return value
+
+
+_KIND_NAMES = {
+    str: "a string",
+    dict: "an object",
+    bool: "true or false",
+}
+
+
+def _name(value, field, request_id):
+    if not NAME.match(value):
+        raise BadName(
+            f"{field} {value!r} is not a valid name "
+            "(1 to 64 of A-Z a-z 0-9 . _ : -, starting with a letter or digit)",
+            request_id,
+        )
+    return value
+
+
+def _queue_fields(payload, request_id):
+    client_id = _field(payload, "clientId", str, "payload.", request_id)
+    event = _field(payload, "event", str, "payload.", request_id)
+    _name(client_id, "payload.clientId", request_id)
+    _name(event, "payload.event", request_id)
+    if event in RESERVED_EVENTS:
+        raise ReservedEvent(
+            f"payload.event {event!r} is reserved for the protocol", request_id
+        )
+    return client_id, event
+
+
+def _subscribe(frame, payload, request_id):
+    client_id, event = _queue_fields(payload, request_id)
+    flt = _field(payload, "filter", dict, "payload.", request_id, required=False)
+    return Subscribe(client_id, event, flt or None)
+
+
+def _unsubscribe(frame, payload, request_id):
+    client_id, event = _queue_fields(payload, request_id)
+    delete = _field(payload, "delete", bool, "payload.", request_id, required=False)
+    return Unsubscribe(client_id, event, bool(delete))
+
+
+def _get_all(frame, payload, request_id):
+    return GetAll(*_queue_fields(payload, request_id))
+
+
+def _received(frame, payload, request_id):
+    client_id, event = _queue_fields(payload, request_id)
+    message_id = _field(payload, "messageId", str, "payload.", request_id)
+    return Received(client_id, event, message_id)
+
+
+def _ping(frame, payload, request_id):
+    return Ping(payload)
+
+
+_CONTROL = {
+    "subscribe": _subscribe,
+    "unsubscribe": _unsubscribe,
+    "getAll": _get_all,
+    "getall": _get_all,
+    "received": _received,
+    "ping": _ping,
+}
+
+
+def _publish(frame, event, payload, request_id):
+    _name(event, "event", request_id)
+    to = frame.get("to")
+    if to is None:
+        to = ()
+    elif isinstance(to, str):
+        to = (_name(to, "to", request_id),)
+    elif isinstance(to, list) and all(isinstance(c, str) for c in to):
+        to = tuple(dict.fromkeys(_name(c, "to", request_id) for c in to))
+    else:
+        raise BadFrame("field to must be a clientId or a list of them", request_id)
+    message_id = _field(frame, "messageId", str, "", request_id, required=False)
+    if message_id is not None and not 1 <= len(message_id) <= MAX_MESSAGE_ID:
+        raise BadFrame(
+            f"field messageId must be 1 to {MAX_MESSAGE_ID} characters", request_id
+        )
+    return Publish(event, payload, encode_json(payload), to, message_id)
+
+
+def parse_line(line):
+    """
+    Parse one line (without its line ending) sent by a client.
+
+    @return: C{(request_id, command)}, where C{request_id} is the frame's
+        C{id} or L{None} and C{command} is one of the command classes above.
+    @raise ProtocolError: for anything that is not a valid frame.
+    """
+    frame = decode_json(line)
+    if not isinstance(frame, dict):
+        raise BadFrame("a frame must be a JSON object")
+    request_id = frame.get("id")
+    if request_id is not None and (
+        isinstance(request_id, bool) or not isinstance(request_id, (str, int))
+    ):
+        raise BadFrame("field id must be a string or an integer")
+    event = _field(frame, "event", str, "", request_id)
+    payload = frame.get("payload")
+    if payload is None:
+        payload = {}
+    elif not isinstance(payload, dict):
+        raise BadFrame("field payload must be an object", request_id)
+    control = _CONTROL.get(event)
+    if control is not None:
+        return request_id, control(frame, payload, request_id)
+    if event in RESERVED_EVENTS:
+        raise ReservedEvent(f"event {event!r} is reserved for the protocol", request_id)
+    return request_id, _publish(frame, event, payload, request_id)
+
+
+def reply(event, payload, request_id=None):
+    """
+    Encode a broker reply (C{ok}, C{error}, C{pong}) as a line.
+    """
+    frame = {"event": event, "payload": payload}
+    if request_id is not None:
+        frame["id"] = request_id
+    return encode_json(frame) + b"\n"
+
+
+def error(code, message, request_id=None):
+    """
+    Encode an C{error} frame as a line.
+    """
+    return reply("error", {"code": code, "message": message}, request_id)

@@ -1,0 +1,152 @@
+"""
+The broker's side of a connection: bytes to frames to broker calls, and the
+broker's answers and deliveries back to bytes.
+"""
+
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
+
+from caps import frames
+from caps.broker import IConnection
+
+DEFAULT_MAX_LINE = 64 * 1024
+
+_TRUE_REDELIVERED = b',"redelivered":true,"deliveries":'
+_FALSE_REDELIVERED = b',"redelivered":false,"deliveries":'
+
+
+@implementer(IConnection)
+class BrokerProtocol(LineReceiver):
+    """
+    One client connection: newline-delimited JSON frames in, replies and
+    deliveries out.
+    """
+
+    delimiter = b"\n"
+    log = Logger()
+
+    def connectionMade(self):
+        self.broker = self.factory.broker
+        self.max_line = self.factory.max_line
+        # One more byte for the optional "\r" before the "\n".
+        self.MAX_LENGTH = self.max_line + 1
+        self.peer = self.transport.getPeer()
+        # command type -> (handler, whether to answer a frame without id)
+        self._handlers = {
+            frames.Subscribe: (self._subscribe, False),
+            frames.Unsubscribe: (self._unsubscribe, False),
+            frames.GetAll: (self._get_all, True),
+            frames.Received: (self._received, False),
+            frames.Ping: (self._ping, True),
+            frames.Publish: (self._publish, False),
+        }
+        self.broker.connect(self)
+        self.log.info("{peer} connected", peer=self.peer)
+
+    def connectionLost(self, reason):
+        self.broker.disconnect(self)
+        self.log.info("{peer} disconnected", peer=self.peer)
+
+    def lineReceived(self, line):
+        if self.transport.disconnecting:
+            return
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if len(line) > self.max_line:
+            self.lineLengthExceeded(line)
+            return
+        if not line.strip():
+            # Blank lines are ignored: people type them in telnet.
+            return
+        request_id = None
+        try:
+            request_id, command = frames.parse_line(line)
+            handler, always = self._handlers[type(command)]
+            answer, payload = handler(command)
+        except frames.ProtocolError as e:
+            self.log.info(
+                "{peer} sent a bad frame: {code}: {message}",
+                peer=self.peer,
+                code=e.code,
+                message=e.message,
+            )
+            self.transport.write(frames.error(e.code, e.message, e.request_id))
+        except Exception:
+            self.log.failure(
+                "internal error handling a frame from {peer}", peer=self.peer
+            )
+            self.transport.write(
+                frames.error(
+                    "internal-error", "the broker failed; see its log", request_id
+                )
+            )
+        else:
+            if always or request_id is not None:
+                self.transport.write(frames.reply(answer, payload, request_id))
+
+    def lineLengthExceeded(self, line):
+        self.log.info(
+            "{peer} sent a line over {limit} bytes; closing",
+            peer=self.peer,
+            limit=self.max_line,
+        )
+        self.transport.write(
+            frames.error("line-too-long", f"a line may be at most {self.max_line} bytes")
+        )
+        self.transport.loseConnection()
+
+    # Each handler returns the reply's event and payload.
+
+    def _subscribe(self, c):
+        return "ok", self.broker.subscribe(self, c.client_id, c.event, c.filter)
+
+    def _unsubscribe(self, c):
+        return "ok", self.broker.unsubscribe(self, c.client_id, c.event, c.delete)
+
+    def _get_all(self, c):
+        return "ok", self.broker.get_all(self, c.client_id, c.event)
+
+    def _received(self, c):
+        return "ok", self.broker.received(c.client_id, c.event, c.message_id)
+
+    def _ping(self, c):
+        return "pong", c.payload
+
+    def _publish(self, c):
+        return "ok", self.broker.publish(c.event, c.payload, c.body, c.to, c.message_id)
+
+    def deliver(self, entry):
+        queue = entry.queue
+        message = entry.message
+        self.transport.write(
+            b"".join(
+                (
+                    b'{"event":',
+                    queue.event_json,
+                    b',"clientId":',
+                    queue.client_json,
+                    b',"messageId":',
+                    message.id_json,
+                    b',"payload":',
+                    message.payload,
+                    _TRUE_REDELIVERED if entry.deliveries > 1 else _FALSE_REDELIVERED,
+                    str(entry.deliveries).encode("ascii"),
+                    b"}\n",
+                )
+            )
+        )
+
+
+class BrokerFactory(Factory):
+    """
+    Builds a L{BrokerProtocol} for each connection to one broker.
+    """
+
+    protocol = BrokerProtocol
+    noisy = False
+
+    def __init__(self, broker, max_line=DEFAULT_MAX_LINE):
+        self.broker = broker
+        self.max_line = max_line
