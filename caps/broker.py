@@ -219,7 +219,7 @@ class Broker:
         now = self.clock.seconds()
         self._forget_old_ids(now)
         if message_id is None:
-            message_id = self._id_prefix + str(self._seq + 1)
+            message_id = self._new_id()
         elif message_id in self._live or message_id in self._seen:
             return {"messageId": message_id, "queues": 0, "duplicate": True}
         else:
@@ -235,6 +235,16 @@ class Broker:
                 queue.append(message)
                 self._pump(queue)
         return {"messageId": message_id, "queues": len(queues)}
+
+    def _new_id(self):
+        """
+        A messageId no message has: the broker's random prefix and the next
+        sequence number, skipping any a client chose for itself.
+        """
+        seq = self._seq + 1
+        while (message_id := f"{self._id_prefix}{seq}") in self._live or message_id in self._seen:
+            seq += 1
+        return message_id
 
     def _forget_old_ids(self, now):
         seen = self._seen

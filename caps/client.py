@@ -3,9 +3,10 @@ The client side of the CAPS protocol, shared by the vendor and driver apps.
 
 L{CapsClient} keeps one connection to the broker up with
 L{twisted.application.internet.ClientService} (reconnecting with exponential
-back-off), and on every (re)connect catches each of its queues up with
-C{getAll}, subscribes again, and re-sends every publish the broker has not
-confirmed, with the same messageId so the broker drops repeats.  A message
+back-off).  On every (re)connect it subscribes to each of its queues again
+and catches up (the backlog arrives first; the answer to a C{getAll} marks
+its end), and re-sends every publish the broker has not confirmed, with the
+same messageId so the broker drops repeats.  A message
 is acknowledged only after its handler finished, and a message handled
 once is never handed to the handler again.
 """
@@ -145,6 +146,8 @@ class CapsClient:
         # (clientId, event, messageId) of acknowledgements not yet confirmed
         self._acking = set()
         self._idle_waiters = []
+        # (clientId, event) -> deliveries counted during its catch-up
+        self._catching_up = {}
         # None until stop(); then the callers waiting for it; True once closed
         self._stopped = None
         self.on_connect = None
@@ -204,8 +207,9 @@ class CapsClient:
         """
         Consume (clientId, event): C{handler(delivery)} is called for each
         message once (it may return a L{Deferred}); the message is
-        acknowledged when it returns.  C{on_caught_up(count)} is called after
-        each catch-up with how many waiting messages it sent.
+        acknowledged when it returns.  After each (re)connect the queue's
+        backlog is sent first; C{on_caught_up(count)} is then called with
+        how many messages it held, before live messages follow.
         """
         subscription = Subscription(client_id, event, handler, filter, on_caught_up)
         self._subscriptions[client_id, event] = subscription
@@ -250,6 +254,10 @@ class CapsClient:
         self.log.info("connected to the broker")
         if self.on_connect is not None:
             self.on_connect()
+        # Acknowledgements first, so that the broker does not send those
+        # messages again with the backlog.
+        for key in self._acking:
+            self._send_ack(key)
         for subscription in self._subscriptions.values():
             self._catch_up(subscription)
         for message_id in self._outbox:
@@ -260,10 +268,7 @@ class CapsClient:
             return
         self._protocol = None
         self._requests.clear()
-        # Unconfirmed acknowledgements: the broker sends those messages
-        # again, and they are acknowledged again without being handled.
-        self._acking.clear()
-        self._check_idle()
+        self._catching_up.clear()
         if self.on_disconnect is not None:
             self.on_disconnect()
 
@@ -274,16 +279,24 @@ class CapsClient:
         self._protocol.send(frame)
 
     def _catch_up(self, subscription):
+        """
+        Subscribe, which sends the backlog, then C{getAll}, whose answer
+        comes after every message of the backlog: the end of the catch-up.
+        """
+        key = (subscription.client_id, subscription.event)
         queue = {"clientId": subscription.client_id, "event": subscription.event}
+        if subscription.filter:
+            self._request({"event": "subscribe", "payload": dict(queue, filter=subscription.filter)}, None)
+        else:
+            self._request({"event": "subscribe", "payload": queue}, None)
+        self._catching_up[key] = 0
 
         def caught_up(payload):
+            count = self._catching_up.pop(key, 0)
             if subscription.on_caught_up is not None:
-                subscription.on_caught_up(payload.get("count", 0))
+                subscription.on_caught_up(count)
 
         self._request({"event": "getAll", "payload": queue}, caught_up)
-        if subscription.filter:
-            queue = dict(queue, filter=subscription.filter)
-        self._request({"event": "subscribe", "payload": queue}, None)
 
     def _send_publish(self, message_id):
         frame, d = self._outbox[message_id]
@@ -331,8 +344,11 @@ class CapsClient:
 
     def _delivery(self, delivery):
         key = (delivery.client_id, delivery.event, delivery.message_id)
+        if key[:2] in self._catching_up:
+            self._catching_up[key[:2]] += 1
         if key in self._handled:
-            self._ack(key)
+            if key not in self._acking:
+                self._ack(key)
             return
         if key in self._working:
             return
@@ -364,10 +380,16 @@ class CapsClient:
         d.addCallbacks(handled, failed)
 
     def _ack(self, key):
-        if self._protocol is None:
-            return
-        client_id, event, message_id = key
+        """
+        Acknowledge a handled message, now or, if the connection is down or
+        goes down before the broker confirms, after the next reconnect.
+        """
         self._acking.add(key)
+        if self._protocol is not None:
+            self._send_ack(key)
+
+    def _send_ack(self, key):
+        client_id, event, message_id = key
 
         def confirmed(_):
             self._acking.discard(key)

@@ -7,6 +7,7 @@ code; the encoders turn the broker's answers back into lines.
 """
 
 import json
+import math
 import re
 
 import attrs
@@ -120,7 +121,16 @@ def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
 
-_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+def _finite_float(text):
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+# NaN, Infinity and numbers too large for a double would come out as
+# NaN/Infinity, which is not JSON: refuse them coming in.
+_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 def decode_json(line):

@@ -124,7 +124,8 @@ class ListenService(service.Service):
 def _address(address):
     host = getattr(address, "host", None)
     if host is None:
-        return str(getattr(address, "name", address))
+        name = getattr(address, "name", address)
+        return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
     if ":" in host:
         return f"[{host}]:{address.port}"
     return f"{host}:{address.port}"

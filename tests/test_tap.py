@@ -1,0 +1,102 @@
+"""
+Tests for caps.tap (the twistd options and service) and the plugin that
+points twistd at it.
+"""
+
+from twisted.application.service import IServiceMaker
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactor
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from caps import tap
+from caps.protocol import BrokerFactory
+
+
+class OptionsTests(SynchronousTestCase):
+    def parse(self, *argv):
+        options = tap.Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_defaults(self):
+        """Without options the broker listens on loopback port 3000 with 64 KiB lines in memory."""
+        options = self.parse()
+        self.assertEqual(options["listen"], ["tcp:3000:interface=127.0.0.1"])
+        self.assertEqual(options["max-line"], 65536)
+        self.assertEqual(options["store"], "memory")
+
+    def test_listen_repeats(self):
+        """--listen may be given several times, replacing the default."""
+        options = self.parse("--listen", "tcp:4000", "--listen", "unix:/tmp/caps.sock")
+        self.assertEqual(options["listen"], ["tcp:4000", "unix:/tmp/caps.sock"])
+
+    def test_max_line_is_a_number(self):
+        """--max-line arrives as an int, and must be positive."""
+        self.assertEqual(self.parse("--max-line", "1024")["max-line"], 1024)
+        for bad in ("0", "-5", "big"):
+            self.assertRaises(usage.UsageError, self.parse, "--max-line", bad)
+
+    def test_bad_store(self):
+        """An unknown store is refused with the list of known ones."""
+        e = self.assertRaises(usage.UsageError, self.parse, "--store", "mongodb")
+        self.assertIn("memory", str(e))
+
+    def test_bad_listen(self):
+        """A malformed endpoint description is refused before anything starts."""
+        e = self.assertRaises(usage.UsageError, self.parse, "--listen", "carrier-pigeon:1")
+        self.assertIn("carrier-pigeon:1", str(e))
+
+
+class _RefusingReactor(MemoryReactor):
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+
+
+class ServiceTests(SynchronousTestCase):
+    def make(self, reactor, *argv):
+        options = tap.Options()
+        options.parseOptions(list(argv))
+        return tap.makeService(options, reactor=reactor)
+
+    def test_listens_where_told(self):
+        """The service listens on every --listen endpoint with the broker factory and line limit."""
+        reactor = MemoryReactor()
+        service = self.make(
+            reactor, "--listen", "tcp:4000:interface=127.0.0.1", "--listen", "tcp:4001", "--max-line", "100"
+        )
+        service.startService()
+        self.assertEqual([(p[0], p[3]) for p in reactor.tcpServers], [(4000, "127.0.0.1"), (4001, "")])
+        factory = reactor.tcpServers[0][1]
+        self.assertIsInstance(factory, BrokerFactory)
+        self.assertEqual(factory.max_line, 100)
+        self.assertIs(reactor.tcpServers[1][1], factory)
+        self.successResultOf(service.stopService())
+
+    def test_cannot_listen(self):
+        """A port that cannot be had stops the start with a one-line reason, not a traceback."""
+        service = self.make(_RefusingReactor())
+        e = self.assertRaises(tap.ListenError, service.privilegedStartService)
+        self.assertIsInstance(e, SystemExit)
+        self.assertIn("cannot listen on tcp:3000:interface=127.0.0.1", str(e))
+        self.assertIn("Address already in use", str(e))
+
+
+class AddressTests(SynchronousTestCase):
+    def test_addresses(self):
+        """Bound addresses are logged as host:port, [v6]:port, or the socket path."""
+        from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+
+        self.assertEqual(tap._address(IPv4Address("TCP", "127.0.0.1", 3000)), "127.0.0.1:3000")
+        self.assertEqual(tap._address(IPv6Address("TCP", "::1", 3000)), "[::1]:3000")
+        self.assertEqual(tap._address(UNIXAddress(b"/tmp/caps.sock")), "/tmp/caps.sock")
+
+
+class PluginTests(SynchronousTestCase):
+    def test_plugin_listed(self):
+        """twistd finds caps-broker among its plugins, pointing at caps.tap."""
+        makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
+        self.assertIn("caps-broker", makers)
+        self.assertEqual(makers["caps-broker"].module, "caps.tap")
+        self.assertIs(makers["caps-broker"].options, tap.Options)
