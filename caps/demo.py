@@ -61,7 +61,9 @@ class Child(protocol.ProcessProtocol):
             self.scene.changed()
 
     def processEnded(self, reason):
-        self.ended.callback(reason.value.exitCode)
+        # The exit code, or minus the signal that ended the process.
+        code = reason.value.exitCode
+        self.ended.callback(-reason.value.signal if code is None else code)
         self.scene.changed()
 
     def matches(self, pattern):

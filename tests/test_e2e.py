@@ -1,0 +1,46 @@
+"""
+End to end: the real broker (twistd) and the real vendor and driver apps,
+each its own process, through the catch-up scene of caps.demo: a vendor is
+stopped while its orders are delivered, then restarted.
+"""
+
+import re
+import signal
+from collections import Counter
+
+import pytest_twisted
+
+from caps.demo import PLACED, THANKS, run_scene
+
+
+@pytest_twisted.ensureDeferred
+async def test_catch_up_scene(reactor):
+    """Every order placed is thanked for exactly once, the missed ones first on restart."""
+    scene = await run_scene(reactor, orders=4, interval=0.2, delay=0.3, timeout=60)
+    names = [child.name for child in scene.children]
+    assert names.count("vendor 1-800-flowers") == 2
+
+    for store in ("acme-widgets", "1-800-flowers"):
+        runs = [c for c in scene.children if c.name == "vendor " + store]
+        placed = [order for run in runs for order in run.matches(PLACED)]
+        thanked = Counter(order for run in runs for order in run.matches(THANKS))
+        assert placed, store
+        assert set(thanked) == set(placed), store
+        assert set(thanked.values()) == {1}, f"{store} thanked twice: {thanked}"
+
+    first, second = [c for c in scene.children if c.name == "vendor 1-800-flowers"]
+    missed = set(first.matches(PLACED)) - set(first.matches(THANKS))
+    assert missed, "the scene stops 1-800-flowers with orders outstanding"
+    lines = second.lines
+    caught_up = next(i for i, line in enumerate(lines) if "caught up on" in line)
+    assert int(re.search(r"caught up on (\d+)", lines[caught_up]).group(1)) >= len(missed)
+    before = {m.group(1) for m in map(re.compile(r"delivering (\S+)").search, lines[:caught_up]) if m}
+    assert missed <= before
+    assert not any("placed order" in line for line in lines[:caught_up])
+
+    codes = [(child.name, child.ended.result) for child in scene.children]
+    # The broker is stopped with SIGTERM, which twistd re-raises once shut down.
+    assert codes[0] == ("broker", -signal.SIGTERM)
+    assert {code for name, code in codes[1:]} == {0}, codes
+    summary = scene.summary()
+    assert (summary["lost"], summary["duplicated"]) == (0, 0)
