@@ -18,28 +18,9 @@ from twisted.python import usage
 
 from caps.client import CapsClient
 from caps.frames import NAME
+from caps.options import positive_int
 
 DEFAULT_BROKER = "tcp:localhost:3000"
-
-
-def _count(value):
-    number = int(value)
-    if number < 1:
-        raise ValueError(f"{value} is not a positive whole number")
-    return number
-
-
-_count.coerceDoc = "A positive whole number."
-
-
-def _seconds(value):
-    number = float(value)
-    if not number >= 0:
-        raise ValueError(f"{value} is not a number of seconds")
-    return number
-
-
-_seconds.coerceDoc = "Seconds (decimals allowed)."
 
 
 class AppOptions(usage.Options):
@@ -50,7 +31,13 @@ class AppOptions(usage.Options):
             DEFAULT_BROKER,
             "The broker, as a Twisted client endpoint description.",
         ],
-        ["orders", "n", None, "Stop after this many orders (default: run on).", _count],
+        [
+            "orders",
+            "n",
+            None,
+            "Stop after this many orders (default: run on).",
+            positive_int,
+        ],
     ]
 
 

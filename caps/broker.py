@@ -242,7 +242,9 @@ class Broker:
         sequence number, skipping any a client chose for itself.
         """
         seq = self._seq + 1
-        while (message_id := f"{self._id_prefix}{seq}") in self._live or message_id in self._seen:
+        while (
+            message_id := f"{self._id_prefix}{seq}"
+        ) in self._live or message_id in self._seen:
             seq += 1
         return message_id
 

@@ -286,7 +286,13 @@ class CapsClient:
         key = (subscription.client_id, subscription.event)
         queue = {"clientId": subscription.client_id, "event": subscription.event}
         if subscription.filter:
-            self._request({"event": "subscribe", "payload": dict(queue, filter=subscription.filter)}, None)
+            self._request(
+                {
+                    "event": "subscribe",
+                    "payload": dict(queue, filter=subscription.filter),
+                },
+                None,
+            )
         else:
             self._request({"event": "subscribe", "payload": queue}, None)
         self._catching_up[key] = 0

@@ -13,7 +13,6 @@ ones lost or logged twice (both must be 0), and exits 0 only if so.
 
 import os
 import re
-import signal
 import sys
 from collections import Counter
 
@@ -22,6 +21,7 @@ from twisted.internet import defer, error, protocol, task
 from twisted.python import usage
 
 from caps import app
+from caps.options import positive_int, seconds
 
 TWISTD = (
     sys.executable,
@@ -163,7 +163,9 @@ def broker_command(*args):
     return TWISTD + ("-n", "--pidfile=", "--logfile=-", "caps-broker") + args
 
 
-async def run_scene(reactor, orders=8, interval=0.5, delay=0.8, echo=None, timeout=60.0):
+async def run_scene(
+    reactor, orders=8, interval=0.5, delay=0.8, echo=None, timeout=60.0
+):
     """
     Play the scene and return the L{Scene}.  Every process started is
     stopped by its PID before this returns, whatever happens.
@@ -189,7 +191,13 @@ async def run_scene(reactor, orders=8, interval=0.5, delay=0.8, echo=None, timeo
             scene.spawn(
                 "driver " + name,
                 app_command(
-                    "caps.driver", "--broker", endpoint, "--name", name, "--delay", str(seconds)
+                    "caps.driver",
+                    "--broker",
+                    endpoint,
+                    "--name",
+                    name,
+                    "--delay",
+                    str(seconds),
                 ),
                 echo,
             )
@@ -244,9 +252,9 @@ async def run_scene(reactor, orders=8, interval=0.5, delay=0.8, echo=None, timeo
 
 class Options(usage.Options):
     optParameters = [
-        ["orders", "n", 8, "Orders acme-widgets places.", app._count],
-        ["interval", "i", 0.5, "Seconds between a vendor's orders.", app._seconds],
-        ["delay", "d", 0.8, "Seconds a driver takes to deliver.", app._seconds],
+        ["orders", "n", 8, "Orders acme-widgets places.", positive_int],
+        ["interval", "i", 0.5, "Seconds between a vendor's orders.", seconds],
+        ["delay", "d", 0.8, "Seconds a driver takes to deliver.", seconds],
     ]
 
 

@@ -11,6 +11,7 @@ import attrs
 from twisted.internet import defer, task
 
 from caps import app
+from caps.options import seconds
 from caps.client import CapsError
 from caps.frames import NAME
 
@@ -52,7 +53,11 @@ class Driver:
     async def _deliver(self, order):
         order_id = order.get("orderId")
         store = order.get("store")
-        if not isinstance(order_id, str) or not isinstance(store, str) or not NAME.match(store):
+        if (
+            not isinstance(order_id, str)
+            or not isinstance(store, str)
+            or not NAME.match(store)
+        ):
             self.emit(f"DRIVER {self.name}: skipped a malformed order {order!r}")
             return
         self.emit(f"DRIVER {self.name}: picked up {order_id}")
@@ -81,7 +86,7 @@ class Options(app.AppOptions):
     longdesc = "A delivery driver: picks up orders and delivers them."
     optParameters = [
         ["name", None, "ann", "This driver's name (shown to stores)."],
-        ["delay", "d", 2.0, "Seconds between pickup and delivery.", app._seconds],
+        ["delay", "d", 2.0, "Seconds between pickup and delivery.", seconds],
     ]
 
 

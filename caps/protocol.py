@@ -93,7 +93,9 @@ class BrokerProtocol(LineReceiver):
             limit=self.max_line,
         )
         self.transport.write(
-            frames.error("line-too-long", f"a line may be at most {self.max_line} bytes")
+            frames.error(
+                "line-too-long", f"a line may be at most {self.max_line} bytes"
+            )
         )
         self.transport.loseConnection()
 

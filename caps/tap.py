@@ -9,20 +9,11 @@ from twisted.python.failure import Failure
 from twisted.python import usage
 
 from caps.broker import Broker
+from caps.options import positive_int
 from caps.protocol import DEFAULT_MAX_LINE, BrokerFactory
 
 DEFAULT_LISTEN = "tcp:3000:interface=127.0.0.1"
 STORES = ("memory",)
-
-
-def _positive_int(value):
-    number = int(value)
-    if number < 1:
-        raise ValueError(f"{value} is not a positive whole number")
-    return number
-
-
-_positive_int.coerceDoc = "A positive whole number."
 
 
 class Options(usage.Options):
@@ -37,7 +28,7 @@ class Options(usage.Options):
             None,
             DEFAULT_MAX_LINE,
             "Longest line (frame) a client may send, in bytes.",
-            _positive_int,
+            positive_int,
         ],
         ["store", None, "memory", "Where queues are kept: " + ", ".join(STORES) + "."],
     ]
@@ -118,7 +109,9 @@ class ListenService(service.Service):
     def stopService(self):
         super().stopService()
         ports, self.ports = self.ports, []
-        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+        return defer.gatherResults(
+            [defer.maybeDeferred(p.stopListening) for p in ports]
+        )
 
 
 def _address(address):

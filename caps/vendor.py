@@ -14,6 +14,7 @@ import attrs
 from twisted.internet import defer, task
 
 from caps import app
+from caps.options import seconds
 
 CUSTOMERS = (
     "Ada Lovelace",
@@ -128,9 +129,8 @@ class Options(app.AppOptions):
     longdesc = "A retailer: places pickup orders and logs every delivery."
     optParameters = [
         ["store", "s", "acme-widgets", "This store's clientId."],
-        ["interval", "i", 3.0, "Seconds between orders.", app._seconds],
+        ["interval", "i", 3.0, "Seconds between orders.", seconds],
     ]
-
 
     def postOptions(self):
         app.check_name(self["store"], "--store")

@@ -22,13 +22,17 @@ class AppTests(SynchronousTestCase):
         self.out = []
 
     def vendor(self, store="acme-widgets", **kw):
-        app = vendor.Vendor(self.net.client(), store, self.net.reactor, self.out.append, **kw)
+        app = vendor.Vendor(
+            self.net.client(), store, self.net.reactor, self.out.append, **kw
+        )
         app.start()
         self.net.flush()
         return app
 
     def driver(self, name="ann", **kw):
-        app = driver.Driver(self.net.client(), name, self.net.reactor, self.out.append, **kw)
+        app = driver.Driver(
+            self.net.client(), name, self.net.reactor, self.out.append, **kw
+        )
         app.start()
         self.net.flush()
         return app
@@ -46,7 +50,9 @@ class AppTests(SynchronousTestCase):
         for p in payloads:
             self.assertEqual(p["store"], "acme-widgets")
             self.assertEqual(set(p), {"store", "orderId", "customer", "address"})
-        self.assertEqual(list(queue._entries), ["pickup:" + p["orderId"] for p in payloads])
+        self.assertEqual(
+            list(queue._entries), ["pickup:" + p["orderId"] for p in payloads]
+        )
         self.assertEqual(self.lines(ORDER), [p["orderId"] for p in payloads])
 
     def test_whole_flow(self):
@@ -58,10 +64,17 @@ class AppTests(SynchronousTestCase):
         self.assertEqual(len(orders), 4)
         self.assertEqual(self.lines(THANKS), orders)
         self.assertEqual(self.lines(re.compile(r"DRIVER ann: picked up (\S+)")), orders)
-        self.assertEqual(len([line for line in self.out if line.endswith("is in transit with ann")]), 4)
+        self.assertEqual(
+            len([line for line in self.out if line.endswith("is in transit with ann")]),
+            4,
+        )
         self.assertEqual(ann.delivered, 4)
         self.successResultOf(shop.done)
-        for event, client in (("pickup", "driver"), ("delivered", "acme-widgets"), ("in-transit", "acme-widgets")):
+        for event, client in (
+            ("pickup", "driver"),
+            ("delivered", "acme-widgets"),
+            ("in-transit", "acme-widgets"),
+        ):
             self.assertEqual(len(self.net.broker.queue(client, event)), 0, event)
 
     def test_pickup_acked_after_delivered(self):
@@ -70,7 +83,10 @@ class AppTests(SynchronousTestCase):
         self.driver(delay=5.0)
         self.net.advance(1)
         [order] = self.lines(ORDER)
-        self.assertEqual(list(self.net.broker.queue("driver", "pickup")._entries), ["pickup:" + order])
+        self.assertEqual(
+            list(self.net.broker.queue("driver", "pickup")._entries),
+            ["pickup:" + order],
+        )
         self.assertIn(f"DRIVER ann: {order} in transit", self.out)
         self.net.advance(5)
         self.assertIn(f"DRIVER ann: delivered {order}", self.out)
@@ -80,9 +96,15 @@ class AppTests(SynchronousTestCase):
         """A vendor gets unaddressed deliveries for its store and never another store's."""
         self.vendor("acme-widgets", interval=100.0, orders=1)
         publisher = self.net.client()
-        publisher.publish("delivered", {"store": "acme-widgets", "orderId": "unaddressed"})
+        publisher.publish(
+            "delivered", {"store": "acme-widgets", "orderId": "unaddressed"}
+        )
         publisher.publish("delivered", {"store": "1-800-flowers", "orderId": "other"})
-        publisher.publish("delivered", {"store": "1-800-flowers", "orderId": "other2"}, to="1-800-flowers")
+        publisher.publish(
+            "delivered",
+            {"store": "1-800-flowers", "orderId": "other2"},
+            to="1-800-flowers",
+        )
         self.net.flush()
         self.assertEqual(self.lines(THANKS), ["unaddressed"])
 
@@ -108,7 +130,9 @@ class AppTests(SynchronousTestCase):
         publisher.publish("pickup", {"orderId": "x"}, to="driver")
         publisher.publish("pickup", {"orderId": "y", "store": "bad store"}, to="driver")
         self.net.flush()
-        self.assertEqual(len([l for l in self.out if "skipped a malformed order" in l]), 2)
+        self.assertEqual(
+            len([line for line in self.out if "skipped a malformed order" in line]), 2
+        )
         self.assertEqual(len(self.net.broker.queue("driver", "pickup")), 0)
 
     def test_driver_orders_limit(self):
@@ -116,7 +140,9 @@ class AppTests(SynchronousTestCase):
         ann = self.driver("ann", delay=1.0, orders=2)
         publisher = self.net.client()
         for n in range(4):
-            publisher.publish("pickup", {"orderId": f"o{n}", "store": "acme"}, to="driver")
+            publisher.publish(
+                "pickup", {"orderId": f"o{n}", "store": "acme"}, to="driver"
+            )
         self.net.advance(3)
         self.successResultOf(ann.done)
         self.assertEqual(ann.delivered, 2)
@@ -130,15 +156,24 @@ class OptionsTests(SynchronousTestCase):
     def test_vendor_options(self):
         """Numbers are coerced and defaults are documented values."""
         options = vendor.Options()
-        options.parseOptions(["--store", "1-800-flowers", "--interval", "0.5", "--orders", "3"])
-        self.assertEqual((options["store"], options["interval"], options["orders"]), ("1-800-flowers", 0.5, 3))
+        options.parseOptions(
+            ["--store", "1-800-flowers", "--interval", "0.5", "--orders", "3"]
+        )
+        self.assertEqual(
+            (options["store"], options["interval"], options["orders"]),
+            ("1-800-flowers", 0.5, 3),
+        )
         self.assertEqual(options["broker"], "tcp:localhost:3000")
 
     def test_bad_options(self):
         """A bad store name or number is refused with a clear message."""
         from caps import app
 
-        for argv in (["--store", "no spaces"], ["--interval", "soon"], ["--orders", "0"]):
+        for argv in (
+            ["--store", "no spaces"],
+            ["--interval", "soon"],
+            ["--orders", "0"],
+        ):
             with self.assertRaises(SystemExit) as caught:
                 app.parse(vendor.Options(), argv)
             self.assertIn("error:", str(caught.exception.code))
@@ -146,5 +181,10 @@ class OptionsTests(SynchronousTestCase):
     def test_driver_options(self):
         """The driver takes a name, a delay and a broker endpoint."""
         options = driver.Options()
-        options.parseOptions(["--name", "bob", "--delay", "0", "--broker", "unix:/tmp/caps.sock"])
-        self.assertEqual((options["name"], options["delay"], options["broker"]), ("bob", 0.0, "unix:/tmp/caps.sock"))
+        options.parseOptions(
+            ["--name", "bob", "--delay", "0", "--broker", "unix:/tmp/caps.sock"]
+        )
+        self.assertEqual(
+            (options["name"], options["delay"], options["broker"]),
+            ("bob", 0.0, "unix:/tmp/caps.sock"),
+        )

@@ -43,7 +43,9 @@ class BrokerTests(SynchronousTestCase):
             self.publish("delivered", {"n": n}, to=["acme"])
         conn = self.connect()
         result = self.broker.subscribe(conn, "acme", "delivered")
-        self.assertEqual(result, {"clientId": "acme", "event": "delivered", "messages": 3})
+        self.assertEqual(
+            result, {"clientId": "acme", "event": "delivered", "messages": 3}
+        )
         self.publish("delivered", {"n": 3}, to=["acme"])
         self.assertEqual([d["payload"]["n"] for d in conn.deliveries], [0, 1, 2, 3])
         self.assertEqual({d["redelivered"] for d in conn.deliveries}, {False})
@@ -115,7 +117,10 @@ class BrokerTests(SynchronousTestCase):
         a, b = self.connect("a"), self.connect("b")
         self.broker.subscribe(a, "driver", "pickup")
         self.broker.subscribe(b, "driver", "pickup")
-        ids = [self.publish("pickup", {"n": n}, to=["driver"])["messageId"] for n in range(100)]
+        ids = [
+            self.publish("pickup", {"n": n}, to=["driver"])["messageId"]
+            for n in range(100)
+        ]
         self.assertEqual(sorted(a.ids() + b.ids()), sorted(ids))
         self.assertEqual(set(a.ids()) & set(b.ids()), set())
         self.assertEqual((len(a.ids()), len(b.ids())), (50, 50))
@@ -129,7 +134,12 @@ class BrokerTests(SynchronousTestCase):
         mid = self.publish("delivered", {}, to=["acme"])["messageId"]
         self.assertEqual(
             self.broker.received("acme", "delivered", mid),
-            {"clientId": "acme", "event": "delivered", "messageId": mid, "deleted": True},
+            {
+                "clientId": "acme",
+                "event": "delivered",
+                "messageId": mid,
+                "deleted": True,
+            },
         )
         self.assertFalse(self.broker.received("acme", "delivered", mid)["deleted"])
         self.assertFalse(self.broker.received("acme", "delivered", "nope")["deleted"])
@@ -144,7 +154,10 @@ class BrokerTests(SynchronousTestCase):
         """Unacknowledged messages return to their place and are redelivered, in order, flagged."""
         a = self.connect("a")
         self.broker.subscribe(a, "driver", "pickup")
-        ids = [self.publish("pickup", {"n": n}, to=["driver"])["messageId"] for n in range(4)]
+        ids = [
+            self.publish("pickup", {"n": n}, to=["driver"])["messageId"]
+            for n in range(4)
+        ]
         self.broker.received("driver", "pickup", ids[1])
         b = self.connect("b")
         self.broker.subscribe(b, "driver", "pickup")
@@ -180,7 +193,10 @@ class BrokerTests(SynchronousTestCase):
 
     def test_get_all(self):
         """getAll sends every message not in flight, oldest first, and counts them."""
-        ids = [self.publish("delivered", {"n": n}, to=["acme"])["messageId"] for n in range(3)]
+        ids = [
+            self.publish("delivered", {"n": n}, to=["acme"])["messageId"]
+            for n in range(3)
+        ]
         poller = self.connect()
         self.assertEqual(
             self.broker.get_all(poller, "acme", "delivered"),
@@ -216,7 +232,9 @@ class BrokerTests(SynchronousTestCase):
         self.broker.subscribe(a, "driver", "pickup")
         mid = self.publish("pickup", {}, to=["driver"])["messageId"]
         result = self.broker.unsubscribe(a, "driver", "pickup")
-        self.assertEqual(result, {"clientId": "driver", "event": "pickup", "deleted": False})
+        self.assertEqual(
+            result, {"clientId": "driver", "event": "pickup", "deleted": False}
+        )
         self.publish("pickup", {}, to=["driver"])
         self.assertEqual(len(a.deliveries), 1)
         self.broker.subscribe(b, "driver", "pickup")
@@ -246,15 +264,23 @@ class BrokerTests(SynchronousTestCase):
         self.assertFalse(self.broker.received("acme", "delivered", mid)["deleted"])
         self.broker.disconnect(a)
         self.broker.disconnect(b)
-        self.assertFalse(self.broker.unsubscribe(self.connect(), "acme", "delivered")["deleted"])
+        self.assertFalse(
+            self.broker.unsubscribe(self.connect(), "acme", "delivered")["deleted"]
+        )
 
     def test_dedupe_while_queued(self):
         """A messageId still queued is a duplicate however long ago it was published."""
-        first = self.publish("delivered", {"v": 1}, to=["acme"], message_id="delivered:1")
+        first = self.publish(
+            "delivered", {"v": 1}, to=["acme"], message_id="delivered:1"
+        )
         self.clock.advance(3600)
-        again = self.publish("delivered", {"v": 2}, to=["acme"], message_id="delivered:1")
+        again = self.publish(
+            "delivered", {"v": 2}, to=["acme"], message_id="delivered:1"
+        )
         self.assertEqual(first, {"messageId": "delivered:1", "queues": 1})
-        self.assertEqual(again, {"messageId": "delivered:1", "queues": 0, "duplicate": True})
+        self.assertEqual(
+            again, {"messageId": "delivered:1", "queues": 0, "duplicate": True}
+        )
         conn = self.connect()
         self.broker.subscribe(conn, "acme", "delivered")
         self.assertEqual([d["payload"] for d in conn.deliveries], [{"v": 1}])
@@ -266,15 +292,22 @@ class BrokerTests(SynchronousTestCase):
         self.publish("delivered", {}, to=["acme"], message_id="m")
         self.broker.received("acme", "delivered", "m")
         self.clock.advance(599)
-        self.assertTrue(self.publish("delivered", {}, to=["acme"], message_id="m").get("duplicate"))
+        self.assertTrue(
+            self.publish("delivered", {}, to=["acme"], message_id="m").get("duplicate")
+        )
         self.clock.advance(1)
-        self.assertEqual(self.publish("delivered", {}, to=["acme"], message_id="m"), {"messageId": "m", "queues": 1})
+        self.assertEqual(
+            self.publish("delivered", {}, to=["acme"], message_id="m"),
+            {"messageId": "m", "queues": 1},
+        )
         self.assertEqual(len(conn.deliveries), 2)
 
     def test_dedupe_unrouted(self):
         """A messageId is remembered even when its message reached no queue."""
         self.publish("pickup", {}, message_id="p1")
-        self.assertTrue(self.publish("pickup", {}, to=["driver"], message_id="p1").get("duplicate"))
+        self.assertTrue(
+            self.publish("pickup", {}, to=["driver"], message_id="p1").get("duplicate")
+        )
 
     def test_assigned_ids_are_unique(self):
         """Ids the broker assigns differ between messages and between broker instances."""
@@ -288,7 +321,10 @@ class BrokerTests(SynchronousTestCase):
         first = self.publish("e", {}, to=["c"])["messageId"]
         prefix, seq = first.rsplit("-", 1)
         squatted = f"{prefix}-{int(seq) + 1}"
-        self.assertEqual(self.publish("e", {"n": 1}, to=["c"], message_id=squatted)["messageId"], squatted)
+        self.assertEqual(
+            self.publish("e", {"n": 1}, to=["c"], message_id=squatted)["messageId"],
+            squatted,
+        )
         assigned = self.publish("e", {"n": 2}, to=["c"])["messageId"]
         self.assertNotIn(assigned, (first, squatted))
         for message_id in (first, squatted, assigned):
@@ -307,7 +343,7 @@ class BrokerTests(SynchronousTestCase):
 
         text = formatEvent(event)
         self.assertTrue(text.startswith("EVENT "), text)
-        record = json.loads(text[len("EVENT "):])
+        record = json.loads(text[len("EVENT ") :])
         self.assertEqual(
             record,
             {

@@ -32,7 +32,9 @@ class ClientTests(SynchronousTestCase):
         client = self.net.client()
         d = client.publish("nack", {})
         self.net.flush()
-        self.assertEqual(self.failureResultOf(d, CapsError).value.code, "reserved-event")
+        self.assertEqual(
+            self.failureResultOf(d, CapsError).value.code, "reserved-event"
+        )
         self.assertTrue(client._is_idle())
 
     def test_publish_while_offline(self):
@@ -68,7 +70,10 @@ class ClientTests(SynchronousTestCase):
         self.net.flush()
         client.publish("delivered", {"orderId": "1"}, to="acme", message_id="d1")
         self.net.flush()
-        self.assertEqual([(d.message_id, d.payload, d.redelivered) for d in seen], [("d1", {"orderId": "1"}, False)])
+        self.assertEqual(
+            [(d.message_id, d.payload, d.redelivered) for d in seen],
+            [("d1", {"orderId": "1"}, False)],
+        )
         self.assertEqual(self.queue_ids("acme", "delivered"), [])
 
     def test_ack_waits_for_handler(self):
@@ -88,7 +93,13 @@ class ClientTests(SynchronousTestCase):
         vendor = self.net.client()
         seen = []
         counts = []
-        vendor.subscribe("acme", "delivered", seen.append, filter={"store": "acme"}, on_caught_up=counts.append)
+        vendor.subscribe(
+            "acme",
+            "delivered",
+            seen.append,
+            filter={"store": "acme"},
+            on_caught_up=counts.append,
+        )
         self.net.flush()
         driver = self.net.client()
         vendor_pump = self.net.pumps[0]

@@ -33,8 +33,14 @@ async def test_catch_up_scene(reactor):
     assert missed, "the scene stops 1-800-flowers with orders outstanding"
     lines = second.lines
     caught_up = next(i for i, line in enumerate(lines) if "caught up on" in line)
-    assert int(re.search(r"caught up on (\d+)", lines[caught_up]).group(1)) >= len(missed)
-    before = {m.group(1) for m in map(re.compile(r"delivering (\S+)").search, lines[:caught_up]) if m}
+    assert int(re.search(r"caught up on (\d+)", lines[caught_up]).group(1)) >= len(
+        missed
+    )
+    before = {
+        m.group(1)
+        for m in map(re.compile(r"delivering (\S+)").search, lines[:caught_up])
+        if m
+    }
     assert missed <= before
     assert not any("placed order" in line for line in lines[:caught_up])
 

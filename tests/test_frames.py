@@ -30,17 +30,28 @@ class ParseTests(SynchronousTestCase):
                 {
                     "event": "subscribe",
                     "id": 7,
-                    "payload": {"clientId": "acme", "event": "delivered", "filter": {"store": "acme"}},
+                    "payload": {
+                        "clientId": "acme",
+                        "event": "delivered",
+                        "filter": {"store": "acme"},
+                    },
                 }
             )
         )
         self.assertEqual(request_id, 7)
-        self.assertEqual(command, frames.Subscribe("acme", "delivered", {"store": "acme"}))
+        self.assertEqual(
+            command, frames.Subscribe("acme", "delivered", {"store": "acme"})
+        )
 
     def test_empty_filter_is_none(self):
         """An empty filter means no filter."""
         _, command = frames.parse_line(
-            line({"event": "subscribe", "payload": {"clientId": "a", "event": "e", "filter": {}}})
+            line(
+                {
+                    "event": "subscribe",
+                    "payload": {"clientId": "a", "event": "e", "filter": {}},
+                }
+            )
         )
         self.assertIsNone(command.filter)
 
@@ -54,7 +65,10 @@ class ParseTests(SynchronousTestCase):
                 {"event": "unsubscribe", "payload": dict(queue, delete=True)},
                 frames.Unsubscribe("acme", "delivered", True),
             ),
-            ({"event": "unsubscribe", "payload": queue}, frames.Unsubscribe("acme", "delivered", False)),
+            (
+                {"event": "unsubscribe", "payload": queue},
+                frames.Unsubscribe("acme", "delivered", False),
+            ),
             (
                 {"event": "received", "payload": dict(queue, messageId="m1")},
                 frames.Received("acme", "delivered", "m1"),
@@ -111,9 +125,13 @@ class ParseTests(SynchronousTestCase):
         self.assertRejected(b'{"event": "\xff"}', "bad-json", "UTF-8")
         self.assertRejected(b'{"event": "e", "payload": {"x": NaN}}', "bad-json")
         self.assertRejected(b'{"event": "e", "payload": {"x": Infinity}}', "bad-json")
-        self.assertRejected(b'{"event": "e", "payload": {"x": -1e999}}', "bad-json", "range")
+        self.assertRejected(
+            b'{"event": "e", "payload": {"x": -1e999}}', "bad-json", "range"
+        )
         self.assertRejected(b"[" * 100_000 + b"]" * 100_000, "bad-json")
-        self.assertRejected(b'{"event":"e","payload":{"n":' + b"9" * 5000 + b"}}", "bad-json")
+        self.assertRejected(
+            b'{"event":"e","payload":{"n":' + b"9" * 5000 + b"}}", "bad-json"
+        )
 
     def test_not_an_object(self):
         """JSON that is not an object is bad-frame."""
@@ -134,11 +152,35 @@ class ParseTests(SynchronousTestCase):
             ({"event": "e", "messageId": "x" * 129}, "messageId"),
             ({"event": "subscribe", "payload": {"event": "e"}}, "payload.clientId"),
             ({"event": "subscribe", "payload": {"clientId": "c"}}, "payload.event"),
-            ({"event": "subscribe", "payload": {"clientId": 1, "event": "e"}}, "payload.clientId"),
-            ({"event": "subscribe", "payload": {"clientId": "c", "event": "e", "filter": "x"}}, "payload.filter"),
-            ({"event": "unsubscribe", "payload": {"clientId": "c", "event": "e", "delete": 1}}, "payload.delete"),
-            ({"event": "received", "payload": {"clientId": "c", "event": "e"}}, "payload.messageId"),
-            ({"event": "received", "payload": {"clientId": "c", "event": "e", "messageId": 4}}, "payload.messageId"),
+            (
+                {"event": "subscribe", "payload": {"clientId": 1, "event": "e"}},
+                "payload.clientId",
+            ),
+            (
+                {
+                    "event": "subscribe",
+                    "payload": {"clientId": "c", "event": "e", "filter": "x"},
+                },
+                "payload.filter",
+            ),
+            (
+                {
+                    "event": "unsubscribe",
+                    "payload": {"clientId": "c", "event": "e", "delete": 1},
+                },
+                "payload.delete",
+            ),
+            (
+                {"event": "received", "payload": {"clientId": "c", "event": "e"}},
+                "payload.messageId",
+            ),
+            (
+                {
+                    "event": "received",
+                    "payload": {"clientId": "c", "event": "e", "messageId": 4},
+                },
+                "payload.messageId",
+            ),
         ]
         for frame, field in cases:
             self.assertRejected(line(frame), "bad-frame", field)
@@ -150,7 +192,9 @@ class ParseTests(SynchronousTestCase):
 
     def test_error_keeps_id(self):
         """A frame rejected after its id was read keeps that id for the error."""
-        self.assertRejected(line({"event": "e", "id": 9, "to": 5}), "bad-frame", "to", request_id=9)
+        self.assertRejected(
+            line({"event": "e", "id": 9, "to": 5}), "bad-frame", "to", request_id=9
+        )
 
     def test_bad_names(self):
         """Event names and clientIds outside the name pattern are bad-name."""
@@ -167,15 +211,36 @@ class ParseTests(SynchronousTestCase):
         ]
         for frame in cases:
             self.assertRejected(line(frame), "bad-name")
-        self.assertEqual(frames.parse_line(line({"event": "a" * 64}))[1].event, "a" * 64)
-        self.assertEqual(frames.parse_line(line({"event": "x", "to": "1-800-flowers"}))[1].to, ("1-800-flowers",))
+        self.assertEqual(
+            frames.parse_line(line({"event": "a" * 64}))[1].event, "a" * 64
+        )
+        self.assertEqual(
+            frames.parse_line(line({"event": "x", "to": "1-800-flowers"}))[1].to,
+            ("1-800-flowers",),
+        )
 
     def test_reserved_events(self):
         """Reserved names cannot be published, nor subscribed to."""
-        for name in ("ok", "error", "pong", "nack", "requeue", "login", "logout", "hello", "join", "stats"):
+        for name in (
+            "ok",
+            "error",
+            "pong",
+            "nack",
+            "requeue",
+            "login",
+            "logout",
+            "hello",
+            "join",
+            "stats",
+        ):
             self.assertRejected(line({"event": name}), "reserved-event", name)
         self.assertRejected(
-            line({"event": "subscribe", "payload": {"clientId": "a", "event": "received"}}),
+            line(
+                {
+                    "event": "subscribe",
+                    "payload": {"clientId": "a", "event": "received"},
+                }
+            ),
             "reserved-event",
         )
 
@@ -188,12 +253,19 @@ class ParseTests(SynchronousTestCase):
 class EncodeTests(SynchronousTestCase):
     def test_reply_with_and_without_id(self):
         """Replies are one compact JSON line; the id is there only when given."""
-        self.assertEqual(frames.reply("ok", {"a": 1}, 3), b'{"event":"ok","payload":{"a":1},"id":3}\n')
+        self.assertEqual(
+            frames.reply("ok", {"a": 1}, 3),
+            b'{"event":"ok","payload":{"a":1},"id":3}\n',
+        )
         self.assertEqual(frames.reply("pong", {}), b'{"event":"pong","payload":{}}\n')
 
     def test_error(self):
         """An error frame carries a code and a message."""
         self.assertEqual(
             json.loads(frames.error("bad-json", "nope", "x")),
-            {"event": "error", "id": "x", "payload": {"code": "bad-json", "message": "nope"}},
+            {
+                "event": "error",
+                "id": "x",
+                "payload": {"code": "bad-json", "message": "nope"},
+            },
         )

@@ -89,7 +89,13 @@ def caught_up(reactor, client, client_id, event, handler, **kw):
     Subscribe, and fire once the broker has the subscription.
     """
     d = defer.Deferred()
-    client.subscribe(client_id, event, handler, on_caught_up=lambda n: d.called or d.callback(n), **kw)
+    client.subscribe(
+        client_id,
+        event,
+        handler,
+        on_caught_up=lambda n: d.called or d.callback(n),
+        **kw,
+    )
     return d.addTimeout(TIMEOUT, reactor)
 
 
@@ -119,7 +125,11 @@ async def test_fan_out_over_tcp(reactor, connect):
     result = await connect().publish("delivered", {"x": "é"}, to=["acme", "flowers"])
     assert result["queues"] == 3
     await defer.gatherResults([acme.reached(1), flowers.reached(1), logger.reached(1)])
-    assert {c.items[0].client_id for c in (acme, flowers, logger)} == {"acme", "flowers", "logger"}
+    assert {c.items[0].client_id for c in (acme, flowers, logger)} == {
+        "acme",
+        "flowers",
+        "logger",
+    }
     assert {c.items[0].payload["x"] for c in (acme, flowers, logger)} == {"é"}
 
 
@@ -154,7 +164,9 @@ async def test_apps_over_tcp(reactor, server):
         return c
 
     shop_client, ann_client = client(), client()
-    shop = vendor.Vendor(shop_client, "acme-widgets", reactor, out.append, interval=0.05, orders=5)
+    shop = vendor.Vendor(
+        shop_client, "acme-widgets", reactor, out.append, interval=0.05, orders=5
+    )
     ann = driver.Driver(ann_client, "ann", reactor, out.append, delay=0.05)
     shop.start()
     ann.start()
@@ -162,7 +174,13 @@ async def test_apps_over_tcp(reactor, server):
         await shop.done.addTimeout(TIMEOUT, reactor)
     finally:
         await defer.gatherResults([shop_client.stop(), ann_client.stop()])
-    placed = [m.group(1) for m in map(re.compile(r"placed order (\S+)").search, out) if m]
-    thanked = [m.group(1) for m in map(re.compile(r"Thank you for delivering (\S+)").search, out) if m]
+    placed = [
+        m.group(1) for m in map(re.compile(r"placed order (\S+)").search, out) if m
+    ]
+    thanked = [
+        m.group(1)
+        for m in map(re.compile(r"Thank you for delivering (\S+)").search, out)
+        if m
+    ]
     assert len(placed) == 5
     assert sorted(thanked) == sorted(placed)

@@ -22,9 +22,19 @@ class PackagingTests(SynchronousTestCase):
         env_dir = os.path.join(home, "venv")
         venv.EnvBuilder(with_pip=True).create(env_dir)
         python = os.path.join(env_dir, "bin", "python")
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")
+        }
         install = subprocess.run(
-            [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", ROOT],
+            [
+                python,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                ROOT,
+            ],
             capture_output=True,
             env=env,
             timeout=600,
@@ -40,7 +50,11 @@ class PackagingTests(SynchronousTestCase):
         self.assertEqual(listing.returncode, 0, listing.stderr.decode())
         self.assertIn(b"caps-broker", listing.stdout)
         where = subprocess.run(
-            [python, "-c", "import twisted.plugins.caps_broker as p; print(p.__file__)"],
+            [
+                python,
+                "-c",
+                "import twisted.plugins.caps_broker as p; print(p.__file__)",
+            ],
             capture_output=True,
             cwd=home,
             env=env,

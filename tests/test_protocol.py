@@ -29,7 +29,9 @@ class Client:
 
     def __init__(self, factory, port):
         self.protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
+        self.transport = StringTransport(
+            peerAddress=IPv4Address("TCP", "127.0.0.1", port)
+        )
         self.protocol.makeConnection(self.transport)
 
     def send(self, data):
@@ -78,14 +80,34 @@ class ProtocolTests(SynchronousTestCase):
         """A pickup goes to the driver, the delivered comes back to the store, acks delete both."""
         driver, vendor = self.connect(), self.connect()
         driver.send(frame("subscribe", {"clientId": "driver", "event": "pickup"}, id=1))
-        vendor.send(frame("subscribe", {"clientId": "acme", "event": "delivered", "filter": {"store": "acme"}}, id=1))
+        vendor.send(
+            frame(
+                "subscribe",
+                {"clientId": "acme", "event": "delivered", "filter": {"store": "acme"}},
+                id=1,
+            )
+        )
         self.assertEqual(driver.frames()[0]["event"], "ok")
         self.assertEqual(vendor.frames()[0]["event"], "ok")
 
-        vendor.send(frame("pickup", {"store": "acme", "orderId": "o1"}, to="driver", id=2, messageId="pickup:o1"))
+        vendor.send(
+            frame(
+                "pickup",
+                {"store": "acme", "orderId": "o1"},
+                to="driver",
+                id=2,
+                messageId="pickup:o1",
+            )
+        )
         self.assertEqual(
             vendor.frames(),
-            [{"event": "ok", "id": 2, "payload": {"messageId": "pickup:o1", "queues": 1}}],
+            [
+                {
+                    "event": "ok",
+                    "id": 2,
+                    "payload": {"messageId": "pickup:o1", "queues": 1},
+                }
+            ],
         )
         self.assertEqual(
             driver.frames(),
@@ -100,13 +122,21 @@ class ProtocolTests(SynchronousTestCase):
                 }
             ],
         )
-        driver.send(frame("delivered", {"store": "acme", "orderId": "o1"}, to="acme", id=3))
+        driver.send(
+            frame("delivered", {"store": "acme", "orderId": "o1"}, to="acme", id=3)
+        )
         [ok] = driver.frames()
         [delivery] = vendor.frames()
         self.assertEqual(delivery["event"], "delivered")
         self.assertEqual(delivery["clientId"], "acme")
         self.assertEqual(delivery["messageId"], ok["payload"]["messageId"])
-        driver.send(frame("received", {"clientId": "driver", "event": "pickup", "messageId": "pickup:o1"}, id=4))
+        driver.send(
+            frame(
+                "received",
+                {"clientId": "driver", "event": "pickup", "messageId": "pickup:o1"},
+                id=4,
+            )
+        )
         self.assertEqual(driver.frames()[0]["payload"]["deleted"], True)
         self.assertEqual(len(self.broker.queue("driver", "pickup")), 0)
 
@@ -130,7 +160,10 @@ class ProtocolTests(SynchronousTestCase):
             client = self.connect()
             client.send(data[:offset])
             client.send(data[offset:])
-            got = [(f["event"], f.get("id"), f.get("payload", {}).get("customer")) for f in client.frames()]
+            got = [
+                (f["event"], f.get("id"), f.get("payload", {}).get("customer"))
+                for f in client.frames()
+            ]
             if expected is None:
                 expected = got
                 self.assertEqual(len(expected), 4)
@@ -141,7 +174,11 @@ class ProtocolTests(SynchronousTestCase):
         client = self.connect()
         client.send(frame("subscribe", {"clientId": "acme", "event": "delivered"}))
         client.send(frame("pickup", {}, to="nobody"))
-        client.send(frame("received", {"clientId": "acme", "event": "delivered", "messageId": "x"}))
+        client.send(
+            frame(
+                "received", {"clientId": "acme", "event": "delivered", "messageId": "x"}
+            )
+        )
         client.send(frame("unsubscribe", {"clientId": "acme", "event": "delivered"}))
         self.assertEqual(client.frames(), [])
         client.send(frame("getAll", {"clientId": "acme", "event": "delivered"}))
@@ -149,7 +186,10 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(
             client.frames(),
             [
-                {"event": "ok", "payload": {"clientId": "acme", "event": "delivered", "count": 0}},
+                {
+                    "event": "ok",
+                    "payload": {"clientId": "acme", "event": "delivered", "count": 0},
+                },
                 {"event": "pong", "payload": {"t": 1}},
             ],
         )
@@ -158,7 +198,10 @@ class ProtocolTests(SynchronousTestCase):
         """ping is answered by pong with the same payload and id."""
         client = self.connect()
         client.send(frame("ping", {"nested": {"a": [1, 2]}}, id="p"))
-        self.assertEqual(client.frames(), [{"event": "pong", "payload": {"nested": {"a": [1, 2]}}, "id": "p"}])
+        self.assertEqual(
+            client.frames(),
+            [{"event": "pong", "payload": {"nested": {"a": [1, 2]}}, "id": "p"}],
+        )
 
     def test_get_all_ends_catch_up(self):
         """getAll's ok comes after every message it sent."""
@@ -168,16 +211,33 @@ class ProtocolTests(SynchronousTestCase):
         vendor.send(frame("getall", {"clientId": "acme", "event": "delivered"}, id="g"))
         got = vendor.frames()
         self.assertEqual([f.get("payload", {}).get("n") for f in got[:3]], [0, 1, 2])
-        self.assertEqual(got[3], {"event": "ok", "id": "g", "payload": {"clientId": "acme", "event": "delivered", "count": 3}})
+        self.assertEqual(
+            got[3],
+            {
+                "event": "ok",
+                "id": "g",
+                "payload": {"clientId": "acme", "event": "delivered", "count": 3},
+            },
+        )
 
     def test_every_error_code(self):
         """Each kind of bad input gets its error code, and the connection stays usable."""
         client = self.connect()
         self.assertError(client, b"not json\n", "bad-json")
-        self.assertError(client, b'{"event":"ping","id":1,"payload":{"x":"\xff"}}\n', "bad-json")
+        self.assertError(
+            client, b'{"event":"ping","id":1,"payload":{"x":"\xff"}}\n', "bad-json"
+        )
         self.assertError(client, b"[1,2]\n", "bad-frame")
-        self.assertError(client, frame("subscribe", {"clientId": "acme"}, id=5), "bad-frame", 5, "payload.event")
-        self.assertError(client, frame("delivered", [1], id=6), "bad-frame", 6, "payload")
+        self.assertError(
+            client,
+            frame("subscribe", {"clientId": "acme"}, id=5),
+            "bad-frame",
+            5,
+            "payload.event",
+        )
+        self.assertError(
+            client, frame("delivered", [1], id=6), "bad-frame", 6, "payload"
+        )
         self.assertError(client, frame("nack", {}, id=7), "reserved-event", 7)
         self.assertError(client, frame("bad name", {}, id=8), "bad-name", 8)
         client.send(frame("ping", id=9))
@@ -187,9 +247,16 @@ class ProtocolTests(SynchronousTestCase):
     def test_bad_input_does_not_touch_others(self):
         """Garbage from one client leaves other clients' queues and deliveries alone."""
         vendor, attacker = self.connect(), self.connect()
-        vendor.send(frame("subscribe", {"clientId": "acme", "event": "delivered"}, id=1))
+        vendor.send(
+            frame("subscribe", {"clientId": "acme", "event": "delivered"}, id=1)
+        )
         vendor.frames()
-        attacker.send(b"\x00\xff{{{\n" + b"[" * 10000 + b"\n" + frame("received", {"clientId": "acme"}))
+        attacker.send(
+            b"\x00\xff{{{\n"
+            + b"[" * 10000
+            + b"\n"
+            + frame("received", {"clientId": "acme"})
+        )
         attacker.send(frame("delivered", {"n": 1}, to="acme"))
         [delivery] = vendor.frames()
         self.assertEqual(delivery["payload"], {"n": 1})
@@ -211,7 +278,11 @@ class ProtocolTests(SynchronousTestCase):
         client = self.connect()
         client.send(b'{"event":"ping","id":1}\n')
         client.frames()
-        client.send(b'{"event":"ping","payload":{"x":"' + b"y" * 200 + b'"}}\n{"event":"ping"}\n')
+        client.send(
+            b'{"event":"ping","payload":{"x":"'
+            + b"y" * 200
+            + b'"}}\n{"event":"ping"}\n'
+        )
         reply = self.assertError(client, b"", "line-too-long", mentions="100")
         self.assertTrue(client.transport.disconnecting)
         self.assertEqual(reply.get("id"), None)
@@ -248,7 +319,10 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(b.frames(), [])
         a.close()
         [delivery] = b.frames()
-        self.assertEqual((delivery["messageId"], delivery["redelivered"], delivery["deliveries"]), ("p1", True, 2))
+        self.assertEqual(
+            (delivery["messageId"], delivery["redelivered"], delivery["deliveries"]),
+            ("p1", True, 2),
+        )
 
     def test_duplicate_publish(self):
         """Publishing a known messageId again is ok with duplicate: true and delivers nothing."""
@@ -257,7 +331,10 @@ class ProtocolTests(SynchronousTestCase):
         client.send(frame("delivered", {}, to="acme", messageId="d1", id=2))
         self.assertEqual(
             [f["payload"] for f in client.frames()],
-            [{"messageId": "d1", "queues": 1}, {"messageId": "d1", "queues": 0, "duplicate": True}],
+            [
+                {"messageId": "d1", "queues": 1},
+                {"messageId": "d1", "queues": 0, "duplicate": True},
+            ],
         )
 
     def test_internal_error_is_generic(self):
@@ -269,7 +346,9 @@ class ProtocolTests(SynchronousTestCase):
 
         self.factory = BrokerFactory(BrokenBroker(self.clock))
         client = self.connect()
-        reply = self.assertError(client, frame("delivered", {}, id=1), "internal-error", 1)
+        reply = self.assertError(
+            client, frame("delivered", {}, id=1), "internal-error", 1
+        )
         self.assertNotIn("secret", json.dumps(reply))
         self.assertNotIn("broker.py", json.dumps(reply))
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)

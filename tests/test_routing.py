@@ -27,7 +27,9 @@ class SubscriptionIndexTests(SynchronousTestCase):
         """A filtered subscription matches only payloads with that field equal."""
         acme = self.subscribe("acme", filter={"store": "acme"})
         flowers = self.subscribe("flowers", filter={"store": "flowers"})
-        self.assertEqual(self.index.match("delivered", {"store": "acme", "x": 1}), [acme])
+        self.assertEqual(
+            self.index.match("delivered", {"store": "acme", "x": 1}), [acme]
+        )
         self.assertEqual(self.index.match("delivered", {"store": "flowers"}), [flowers])
         self.assertEqual(self.index.match("delivered", {"store": "other"}), [])
         self.assertEqual(self.index.match("delivered", {}), [])
@@ -35,9 +37,21 @@ class SubscriptionIndexTests(SynchronousTestCase):
     def test_filter_on_several_fields(self):
         """Every field of a filter must match."""
         q = self.subscribe("q", filter={"store": "acme", "priority": 1, "tags": ["a"]})
-        self.assertEqual(self.index.match("delivered", {"store": "acme", "priority": 1, "tags": ["a"]}), [q])
-        self.assertEqual(self.index.match("delivered", {"store": "acme", "priority": 2, "tags": ["a"]}), [])
-        self.assertEqual(self.index.match("delivered", {"store": "acme", "tags": ["a"]}), [])
+        self.assertEqual(
+            self.index.match(
+                "delivered", {"store": "acme", "priority": 1, "tags": ["a"]}
+            ),
+            [q],
+        )
+        self.assertEqual(
+            self.index.match(
+                "delivered", {"store": "acme", "priority": 2, "tags": ["a"]}
+            ),
+            [],
+        )
+        self.assertEqual(
+            self.index.match("delivered", {"store": "acme", "tags": ["a"]}), []
+        )
 
     def test_json_equality(self):
         """Values compare as JSON: true is not 1, objects compare by content."""
@@ -45,7 +59,9 @@ class SubscriptionIndexTests(SynchronousTestCase):
         nested = self.subscribe("nested", filter={"v": {"a": 1, "b": [2]}})
         self.assertEqual(self.index.match("delivered", {"v": 1}), [])
         self.assertEqual(self.index.match("delivered", {"v": True}), [flag])
-        self.assertEqual(self.index.match("delivered", {"v": {"b": [2], "a": 1}}), [nested])
+        self.assertEqual(
+            self.index.match("delivered", {"v": {"b": [2], "a": 1}}), [nested]
+        )
 
     def test_resubscribe_replaces_filter(self):
         """Adding a queue again replaces its previous filter."""
@@ -69,5 +85,10 @@ class SubscriptionIndexTests(SynchronousTestCase):
 
     def test_many_stores_one_lookup(self):
         """With thousands of filtered subscriptions a message still finds exactly its own."""
-        queues = {f"s{n}": self.subscribe(f"s{n}", filter={"store": f"s{n}"}) for n in range(5000)}
-        self.assertEqual(self.index.match("delivered", {"store": "s4321"}), [queues["s4321"]])
+        queues = {
+            f"s{n}": self.subscribe(f"s{n}", filter={"store": f"s{n}"})
+            for n in range(5000)
+        }
+        self.assertEqual(
+            self.index.match("delivered", {"store": "s4321"}), [queues["s4321"]]
+        )

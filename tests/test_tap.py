@@ -45,7 +45,9 @@ class OptionsTests(SynchronousTestCase):
 
     def test_bad_listen(self):
         """A malformed endpoint description is refused before anything starts."""
-        e = self.assertRaises(usage.UsageError, self.parse, "--listen", "carrier-pigeon:1")
+        e = self.assertRaises(
+            usage.UsageError, self.parse, "--listen", "carrier-pigeon:1"
+        )
         self.assertIn("carrier-pigeon:1", str(e))
 
 
@@ -64,10 +66,19 @@ class ServiceTests(SynchronousTestCase):
         """The service listens on every --listen endpoint with the broker factory and line limit."""
         reactor = MemoryReactor()
         service = self.make(
-            reactor, "--listen", "tcp:4000:interface=127.0.0.1", "--listen", "tcp:4001", "--max-line", "100"
+            reactor,
+            "--listen",
+            "tcp:4000:interface=127.0.0.1",
+            "--listen",
+            "tcp:4001",
+            "--max-line",
+            "100",
         )
         service.startService()
-        self.assertEqual([(p[0], p[3]) for p in reactor.tcpServers], [(4000, "127.0.0.1"), (4001, "")])
+        self.assertEqual(
+            [(p[0], p[3]) for p in reactor.tcpServers],
+            [(4000, "127.0.0.1"), (4001, "")],
+        )
         factory = reactor.tcpServers[0][1]
         self.assertIsInstance(factory, BrokerFactory)
         self.assertEqual(factory.max_line, 100)
@@ -88,7 +99,9 @@ class AddressTests(SynchronousTestCase):
         """Bound addresses are logged as host:port, [v6]:port, or the socket path."""
         from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
-        self.assertEqual(tap._address(IPv4Address("TCP", "127.0.0.1", 3000)), "127.0.0.1:3000")
+        self.assertEqual(
+            tap._address(IPv4Address("TCP", "127.0.0.1", 3000)), "127.0.0.1:3000"
+        )
         self.assertEqual(tap._address(IPv6Address("TCP", "::1", 3000)), "[::1]:3000")
         self.assertEqual(tap._address(UNIXAddress(b"/tmp/caps.sock")), "/tmp/caps.sock")
 

@@ -83,12 +83,23 @@ class TwistdTests(SynchronousTestCase):
         driver, driver_in = broker.connect()
         self.addCleanup(vendor.close)
         self.addCleanup(driver.close)
-        send(driver, {"event": "subscribe", "id": 1, "payload": {"clientId": "driver", "event": "pickup"}})
+        send(
+            driver,
+            {
+                "event": "subscribe",
+                "id": 1,
+                "payload": {"clientId": "driver", "event": "pickup"},
+            },
+        )
         self.assertEqual(read(driver_in)["event"], "ok")
-        vendor.sendall(b'{"event":"pickup","to":"driver","id":2,"payload":{"orderId":"o1"}}\r\n')
+        vendor.sendall(
+            b'{"event":"pickup","to":"driver","id":2,"payload":{"orderId":"o1"}}\r\n'
+        )
         self.assertEqual(read(vendor_in)["payload"]["queues"], 1)
         delivery = read(driver_in)
-        self.assertEqual((delivery["event"], delivery["payload"]), ("pickup", {"orderId": "o1"}))
+        self.assertEqual(
+            (delivery["event"], delivery["payload"]), ("pickup", {"orderId": "o1"})
+        )
         vendor.sendall(b"garbage\n")
         self.assertEqual(read(vendor_in)["payload"]["code"], "bad-json")
         # twistd shuts down, then re-raises the signal that stopped it.
