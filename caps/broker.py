@@ -7,7 +7,6 @@ injected clock.
 
 import json
 import uuid
-from collections import OrderedDict
 from datetime import datetime, timezone
 
 import attrs
@@ -16,6 +15,8 @@ from zope.interface import Interface
 
 from caps.queue import Message, Queue
 from caps.routing import SubscriptionIndex
+from caps.store import State, StoreUnavailable
+from caps.store.memory import MemoryStore
 
 DEDUPE_WINDOW = 600.0
 
@@ -82,17 +83,36 @@ class Broker:
     """
 
     clock: object
+    store: object = attrs.Factory(MemoryStore)
     dedupe_window: float = DEDUPE_WINDOW
     log = Logger()
-    _queues: dict = attrs.Factory(dict)
+    _state: State = attrs.field(init=False)
     _index: SubscriptionIndex = attrs.Factory(SubscriptionIndex)
     _sessions: dict = attrs.Factory(dict)
-    # messageId -> how many queues hold that message
-    _live: dict = attrs.Factory(dict)
-    # client-given messageId -> when it may be forgotten, oldest first
-    _seen: OrderedDict = attrs.Factory(OrderedDict)
-    _seq: int = 0
     _id_prefix: str = attrs.Factory(lambda: uuid.uuid4().hex[:12] + "-")
+
+    def __attrs_post_init__(self):
+        """
+        Take the state the store kept: every queue with its subscription,
+        every message ready again in its place.
+        """
+        self._state = self.store.load()
+        for queue in self._state.queues.values():
+            queue.recover()
+            if queue.subscribed:
+                self._index.add(queue, queue.filter)
+
+    @property
+    def _queues(self):
+        return self._state.queues
+
+    @property
+    def _live(self):
+        return self._state.live
+
+    @property
+    def _seen(self):
+        return self._state.seen
 
     def queue(self, client_id, event):
         """
@@ -103,7 +123,11 @@ class Broker:
     def _queue(self, client_id, event):
         queue = self._queues.get((client_id, event))
         if queue is None:
-            queue = self._queues[client_id, event] = Queue(client_id, event)
+            state = self._state
+            queue = Queue(client_id, event, state.next_qid)
+            state.next_qid += 1
+            self._queues[client_id, event] = queue
+            self.store.queue_saved(queue)
         return queue
 
     def connect(self, connection):
@@ -132,10 +156,13 @@ class Broker:
         Make C{connection} a consumer of (clientId, event), creating the
         queue if needed, and route matching messages to it from now on.
         """
+        self._check_writable()
         queue = self._queue(client_id, event)
-        queue.filter = filter
-        queue.subscribed = True
-        self._index.add(queue, filter)
+        if not queue.subscribed or queue.filter != filter:
+            queue.filter = filter
+            queue.subscribed = True
+            self._index.add(queue, filter)
+            self.store.queue_saved(queue)
         session = self._sessions[connection]
         if queue not in session.consuming:
             session.consuming[queue] = None
@@ -149,6 +176,7 @@ class Broker:
         flight to it from that queue go back.  With C{delete}, remove the
         queue, its subscription and its messages.
         """
+        self._check_writable()
         queue = self._queues.get((client_id, event))
         if queue is None:
             return {"clientId": client_id, "event": event, "deleted": False}
@@ -168,13 +196,14 @@ class Broker:
     def _delete(self, queue):
         del self._queues[queue.key]
         self._index.remove(queue)
+        self.store.queue_dropped(queue)
         for connection in queue.consumers:
             del self._sessions[connection].consuming[queue]
         queue.consumers.clear()
         for entry in queue.clear():
             if entry.owner is not None:
                 del self._sessions[entry.owner].in_flight[entry]
-            self._release(entry.message.id)
+            self._release(entry.message)
 
     def get_all(self, connection, client_id, event):
         """
@@ -195,12 +224,14 @@ class Broker:
         Delete an acknowledged message from (clientId, event); an unknown
         or already deleted messageId is not an error.
         """
+        self._check_writable()
         queue = self._queues.get((client_id, event))
         entry = queue.remove(message_id) if queue is not None else None
         if entry is not None:
             if entry.owner is not None:
                 del self._sessions[entry.owner].in_flight[entry]
-            self._release(message_id)
+            self.store.entry_removed(queue, entry.message)
+            self._release(entry.message)
         return {
             "clientId": client_id,
             "event": event,
@@ -216,6 +247,7 @@ class Broker:
         @param payload: the decoded payload, for filters.
         @param body: the payload as encoded JSON bytes, sent as is.
         """
+        self._check_writable()
         now = self.clock.seconds()
         self._forget_old_ids(now)
         if message_id is None:
@@ -223,25 +255,34 @@ class Broker:
         elif message_id in self._live or message_id in self._seen:
             return {"messageId": message_id, "queues": 0, "duplicate": True}
         else:
-            self._seen[message_id] = now + self.dedupe_window
-        self._seq += 1
-        message = Message(message_id, event, body, self._seq, now)
+            expires = now + self.dedupe_window
+            self._seen[message_id] = expires
+            self.store.id_remembered(message_id, expires)
+        self._state.seq += 1
+        message = Message(message_id, event, body, self._state.seq, now)
         queues = dict.fromkeys(self._queue(client_id, event) for client_id in to)
         queues.update(dict.fromkeys(self._index.match(event, payload)))
         self.log.info("EVENT {record}", record=_EventRecord(message))
         if queues:
             self._live[message_id] = len(queues)
+            self.store.message_added(message, queues)
             for queue in queues:
                 queue.append(message)
                 self._pump(queue)
         return {"messageId": message_id, "queues": len(queues)}
+
+    def _check_writable(self):
+        if not self.store.available:
+            raise StoreUnavailable(
+                "the broker cannot write to its store now; try again later"
+            )
 
     def _new_id(self):
         """
         A messageId no message has: the broker's random prefix and the next
         sequence number, skipping any a client chose for itself.
         """
-        seq = self._seq + 1
+        seq = self._state.seq + 1
         while (
             message_id := f"{self._id_prefix}{seq}"
         ) in self._live or message_id in self._seen:
@@ -256,12 +297,13 @@ class Broker:
                 break
             del seen[message_id]
 
-    def _release(self, message_id):
-        count = self._live[message_id] - 1
+    def _release(self, message):
+        count = self._live[message.id] - 1
         if count:
-            self._live[message_id] = count
+            self._live[message.id] = count
         else:
-            del self._live[message_id]
+            del self._live[message.id]
+            self.store.message_dropped(message)
 
     def _pump(self, queue):
         """
@@ -279,5 +321,6 @@ class Broker:
     def _send(self, session, entry):
         entry.owner = session.connection
         entry.deliveries += 1
+        self.store.delivered(entry)
         session.in_flight[entry] = None
         session.connection.deliver(entry)

@@ -5,8 +5,9 @@ The whole CAPS scene in one command, on loopback:
 
 A broker, two vendors (acme-widgets and 1-800-flowers) and two drivers (ann
 and bob), each its own process.  Midway, 1-800-flowers is stopped while the
-drivers go on delivering its orders; when it comes back it catches up on
-what it missed before it goes on live.  At the end the demo counts, from
+drivers go on delivering its orders; then the broker is killed (SIGKILL)
+and started again on the same SQLite store; when 1-800-flowers comes back
+it catches up on what it missed before it goes on live.  At the end the demo counts, from
 the apps' own logs, the orders placed, delivered and acknowledged, and the
 ones lost or logged twice (both must be 0), and exits 0 only if so.
 """
@@ -14,6 +15,7 @@ ones lost or logged twice (both must be 0), and exits 0 only if so.
 import os
 import re
 import sys
+import tempfile
 from collections import Counter
 
 import attrs
@@ -163,29 +165,36 @@ def broker_command(*args):
     return TWISTD + ("-n", "--pidfile=", "--logfile=-", "caps-broker") + args
 
 
+async def start_broker(scene, store, listen="tcp:0:interface=127.0.0.1"):
+    """
+    Start a broker on C{store} and return its process and address.
+    """
+    broker = scene.spawn("broker", broker_command("--listen", listen, "--store", store))
+    await scene.until(
+        "the broker to listen",
+        lambda: broker.ended.called or any(map(LISTENING.search, broker.lines)),
+    )
+    if broker.ended.called:
+        raise RuntimeError("the broker exited:\n" + "\n".join(broker.errors))
+    return broker, next(filter(None, map(LISTENING.search, broker.lines))).group(1)
+
+
 async def run_scene(
-    reactor, orders=8, interval=0.5, delay=0.8, echo=None, timeout=60.0
+    reactor, workdir, orders=8, interval=0.5, delay=0.8, echo=None, timeout=60.0
 ):
     """
-    Play the scene and return the L{Scene}.  Every process started is
-    stopped by its PID before this returns, whatever happens.
+    Play the scene, with the broker's store in C{workdir}, and return the
+    L{Scene}.  Every process started is stopped by its PID before this
+    returns, whatever happens.
     """
     scene = Scene(reactor, timeout)
     say = echo or (lambda line: None)
+    store = "sqlite:" + os.path.join(workdir, "caps.sqlite3")
     try:
-        broker = scene.spawn(
-            "broker", broker_command("--listen", "tcp:0:interface=127.0.0.1")
-        )
-        await scene.until(
-            "the broker to listen",
-            lambda: broker.ended.called or any(map(LISTENING.search, broker.lines)),
-        )
-        if broker.ended.called:
-            raise RuntimeError("the broker exited:\n" + "\n".join(broker.errors))
-        address = next(filter(None, map(LISTENING.search, broker.lines))).group(1)
+        broker, address = await start_broker(scene, store)
         host, port = address.rsplit(":", 1)
         endpoint = f"tcp:{host}:{port}"
-        say(f"DEMO: broker listening on {address}")
+        say(f"DEMO: broker listening on {address}, store {store}")
 
         for name, seconds in (("ann", delay), ("bob", delay * 1.5)):
             scene.spawn(
@@ -236,9 +245,13 @@ async def run_scene(
             lambda: missed <= set(scene.count(DELIVERED)),
         )
         say(
-            f"DEMO: {len(missed)} deliveries for 1-800-flowers happened while it was "
-            "offline; restarting it"
+            f"DEMO: {len(missed)} deliveries for 1-800-flowers are waiting in its "
+            "queue; killing the broker with SIGKILL and starting it again"
         )
+        broker.signal("KILL")
+        await scene.until("the broker to die", lambda: broker.ended.called)
+        broker, _ = await start_broker(scene, store, f"tcp:{port}:interface={host}")
+        say("DEMO: broker back on the same store; restarting 1-800-flowers")
         flowers = vendor("1-800-flowers", half)
         await scene.until(
             "both vendors to see all their orders delivered",
@@ -260,13 +273,15 @@ class Options(usage.Options):
 
 async def main(reactor, *argv):
     options = app.parse(Options(), argv)
-    scene = await run_scene(
-        reactor,
-        orders=options["orders"],
-        interval=options["interval"],
-        delay=options["delay"],
-        echo=app.emit,
-    )
+    with tempfile.TemporaryDirectory(prefix="caps-demo-") as workdir:
+        scene = await run_scene(
+            reactor,
+            workdir,
+            orders=options["orders"],
+            interval=options["interval"],
+            delay=options["delay"],
+            echo=app.emit,
+        )
     summary = scene.summary()
     app.emit(
         "DEMO summary: "

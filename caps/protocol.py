@@ -3,13 +3,17 @@ The broker's side of a connection: bytes to frames to broker calls, and the
 broker's answers and deliveries back to bytes.
 """
 
+from collections import deque
+
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from caps import frames
 from caps.broker import IConnection
+from caps.store import StoreUnavailable
 
 DEFAULT_MAX_LINE = 64 * 1024
 
@@ -33,15 +37,18 @@ class BrokerProtocol(LineReceiver):
         # One more byte for the optional "\r" before the "\n".
         self.MAX_LENGTH = self.max_line + 1
         self.peer = self.transport.getPeer()
-        # command type -> (handler, whether to answer a frame without id)
+        # command type -> (handler, whether to answer a frame without id,
+        # whether the answer waits until the change is durable)
         self._handlers = {
-            frames.Subscribe: (self._subscribe, False),
-            frames.Unsubscribe: (self._unsubscribe, False),
-            frames.GetAll: (self._get_all, True),
-            frames.Received: (self._received, False),
-            frames.Ping: (self._ping, True),
-            frames.Publish: (self._publish, False),
+            frames.Subscribe: (self._subscribe, False, True),
+            frames.Unsubscribe: (self._unsubscribe, False, True),
+            frames.GetAll: (self._get_all, True, False),
+            frames.Received: (self._received, False, True),
+            frames.Ping: (self._ping, True, False),
+            frames.Publish: (self._publish, False, True),
         }
+        # Replies not written yet, in request order: [line, ready]
+        self._replies = deque()
         self.broker.connect(self)
         self.log.info("{peer} connected", peer=self.peer)
 
@@ -63,28 +70,59 @@ class BrokerProtocol(LineReceiver):
         request_id = None
         try:
             request_id, command = frames.parse_line(line)
-            handler, always = self._handlers[type(command)]
+            handler, always, durable = self._handlers[type(command)]
             answer, payload = handler(command)
         except frames.ProtocolError as e:
-            self.log.info(
-                "{peer} sent a bad frame: {code}: {message}",
-                peer=self.peer,
-                code=e.code,
-                message=e.message,
-            )
-            self.transport.write(frames.error(e.code, e.message, e.request_id))
+            if e.request_id is None:
+                e.request_id = request_id
+            self._reply(self._refused(e))
         except Exception:
             self.log.failure(
                 "internal error handling a frame from {peer}", peer=self.peer
             )
-            self.transport.write(
-                frames.error(
-                    "internal-error", "the broker failed; see its log", request_id
-                )
-            )
+            self._reply(_internal_error(request_id))
         else:
             if always or request_id is not None:
-                self.transport.write(frames.reply(answer, payload, request_id))
+                line = frames.reply(answer, payload, request_id)
+                wait = self.broker.store.flushed() if durable else None
+                self._reply(line, wait, request_id)
+
+    def _refused(self, e):
+        self.log.info(
+            "{peer} refused: {code}: {message}",
+            peer=self.peer,
+            code=e.code,
+            message=e.message,
+        )
+        return frames.error(e.code, e.message, e.request_id)
+
+    def _reply(self, line, durable=None, request_id=None):
+        """
+        Write a reply after every reply to earlier frames; with C{durable}
+        (a L{Deferred} from the store), once it fires: an C{ok} goes out
+        only when what it confirms is on disk.
+        """
+        if durable is None and not self._replies:
+            self.transport.write(line)
+            return
+        slot = [line, durable is None]
+        self._replies.append(slot)
+        if durable is None:
+            return
+
+        def done(result):
+            if isinstance(result, Failure):
+                if result.check(StoreUnavailable):
+                    result.value.request_id = request_id
+                    slot[0] = self._refused(result.value)
+                else:
+                    self.log.failure("store failed", result)
+                    slot[0] = _internal_error(request_id)
+            slot[1] = True
+            while self._replies and self._replies[0][1]:
+                self.transport.write(self._replies.popleft()[0])
+
+        durable.addBoth(done)
 
     def lineLengthExceeded(self, line):
         self.log.info(
@@ -92,6 +130,8 @@ class BrokerProtocol(LineReceiver):
             peer=self.peer,
             limit=self.max_line,
         )
+        # Written at once, ahead of any reply still waiting for the store:
+        # the connection closes.
         self.transport.write(
             frames.error(
                 "line-too-long", f"a line may be at most {self.max_line} bytes"
@@ -139,6 +179,10 @@ class BrokerProtocol(LineReceiver):
                 )
             )
         )
+
+
+def _internal_error(request_id):
+    return frames.error("internal-error", "the broker failed; see its log", request_id)
 
 
 class BrokerFactory(Factory):

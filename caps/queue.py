@@ -64,6 +64,7 @@ class Queue:
     one, else the deque's first.  Acknowledging a ready message marks it
     removed instead of searching for it.
 
+    @ivar qid: the queue's number in the store.
     @ivar filter: the subscription filter routing unaddressed messages here,
         or L{None}; only meaningful while C{subscribed}.
     @ivar consumers: connections consuming this queue, in round-robin order.
@@ -71,6 +72,7 @@ class Queue:
 
     client_id: str
     event: str
+    qid: int = 0
     filter: dict | None = None
     subscribed: bool = False
     consumers: deque = attrs.Factory(deque)
@@ -98,14 +100,30 @@ class Queue:
     def __contains__(self, message_id):
         return message_id in self._entries
 
-    def append(self, message):
+    def append(self, message, deliveries=0):
         """
-        Add a newly published message at the end.
+        Add a message at the end: newly published, or loaded from a store
+        with the number of times it was sent before.
         """
-        entry = Entry(message, self)
+        entry = Entry(message, self, deliveries=deliveries)
         self._entries[message.id] = entry
         self._fresh.append(entry)
         return entry
+
+    def recover(self):
+        """
+        After a restart: no consumers, and every message ready again.
+        """
+        self.consumers.clear()
+        for entry in self._entries.values():
+            if entry.owner is not None:
+                self.give_back(entry)
+
+    def entries(self):
+        """
+        Every message's entry, in no particular order.
+        """
+        return self._entries.values()
 
     def pop_ready(self):
         """

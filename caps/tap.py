@@ -11,9 +11,11 @@ from twisted.python import usage
 from caps.broker import Broker
 from caps.options import positive_int
 from caps.protocol import DEFAULT_MAX_LINE, BrokerFactory
+from caps.store import open_store
+from caps.store.sqlite import SYNC_MODES
 
 DEFAULT_LISTEN = "tcp:3000:interface=127.0.0.1"
-STORES = ("memory",)
+DEFAULT_STORE = "sqlite:caps.sqlite3"
 
 
 class Options(usage.Options):
@@ -30,7 +32,21 @@ class Options(usage.Options):
             "Longest line (frame) a client may send, in bytes.",
             positive_int,
         ],
-        ["store", None, "memory", "Where queues are kept: " + ", ".join(STORES) + "."],
+        [
+            "store",
+            None,
+            DEFAULT_STORE,
+            "Where queues are kept: sqlite:PATH (a file; every confirmed change "
+            "is on disk) or memory (lost when the broker stops).",
+        ],
+        [
+            "sync",
+            None,
+            "full",
+            "With sqlite: full syncs every commit to disk, so nothing confirmed "
+            "is lost even on power loss; normal survives a crash of the broker "
+            "but not of the machine.",
+        ],
     ]
 
     def __init__(self):
@@ -54,9 +70,14 @@ class Options(usage.Options):
                 endpoints.serverFromString(reactor, description)
             except ValueError as e:
                 raise usage.UsageError(f"bad --listen {description!r}: {e}") from None
-        if self["store"] not in STORES:
+        kind, _, path = self["store"].partition(":")
+        if not (kind == "memory" and not path or kind == "sqlite" and path):
             raise usage.UsageError(
-                f"--store must be one of: {', '.join(STORES)} (not {self['store']!r})"
+                f"--store must be memory or sqlite:PATH (not {self['store']!r})"
+            )
+        if self["sync"] not in SYNC_MODES:
+            raise usage.UsageError(
+                f"--sync must be full or normal (not {self['sync']!r})"
             )
 
 
@@ -124,15 +145,32 @@ def _address(address):
     return f"{host}:{address.port}"
 
 
+class StoreService(service.Service):
+    """
+    Closes the store when the broker stops, after the listeners: what is
+    pending is written first.
+    """
+
+    def __init__(self, store):
+        self.store = store
+
+    def stopService(self):
+        super().stopService()
+        return self.store.close()
+
+
 def makeService(options, reactor=None):
     """
     Build the broker service from parsed L{Options}.
+
+    @raise StoreError: if the store cannot be opened (a one-line reason).
     """
     if reactor is None:
         from twisted.internet import reactor
-    broker = Broker(clock=reactor)
+    store = open_store(options["store"], reactor, sync=options["sync"])
+    broker = Broker(clock=reactor, store=store)
     factory = BrokerFactory(broker, max_line=options["max-line"])
     top = service.MultiService()
-    listener = ListenService(reactor, options["listen"], factory)
-    listener.setServiceParent(top)
+    StoreService(store).setServiceParent(top)
+    ListenService(reactor, options["listen"], factory).setServiceParent(top)
     return top

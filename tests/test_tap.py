@@ -21,11 +21,12 @@ class OptionsTests(SynchronousTestCase):
         return options
 
     def test_defaults(self):
-        """Without options the broker listens on loopback port 3000 with 64 KiB lines in memory."""
+        """Without options: loopback port 3000, 64 KiB lines, SQLite in the working directory, fully synced."""
         options = self.parse()
         self.assertEqual(options["listen"], ["tcp:3000:interface=127.0.0.1"])
         self.assertEqual(options["max-line"], 65536)
-        self.assertEqual(options["store"], "memory")
+        self.assertEqual(options["store"], "sqlite:caps.sqlite3")
+        self.assertEqual(options["sync"], "full")
 
     def test_listen_repeats(self):
         """--listen may be given several times, replacing the default."""
@@ -39,9 +40,16 @@ class OptionsTests(SynchronousTestCase):
             self.assertRaises(usage.UsageError, self.parse, "--max-line", bad)
 
     def test_bad_store(self):
-        """An unknown store is refused with the list of known ones."""
-        e = self.assertRaises(usage.UsageError, self.parse, "--store", "mongodb")
-        self.assertIn("memory", str(e))
+        """An unknown store, or sqlite without a path, is refused with the forms that work."""
+        for bad in ("mongodb", "sqlite", "sqlite:", "memory:x"):
+            e = self.assertRaises(usage.UsageError, self.parse, "--store", bad)
+            self.assertIn("memory or sqlite:PATH", str(e))
+
+    def test_sync(self):
+        """--sync takes full or normal and nothing else."""
+        self.assertEqual(self.parse("--sync", "normal")["sync"], "normal")
+        e = self.assertRaises(usage.UsageError, self.parse, "--sync", "off")
+        self.assertIn("full or normal", str(e))
 
     def test_bad_listen(self):
         """A malformed endpoint description is refused before anything starts."""
@@ -59,7 +67,7 @@ class _RefusingReactor(MemoryReactor):
 class ServiceTests(SynchronousTestCase):
     def make(self, reactor, *argv):
         options = tap.Options()
-        options.parseOptions(list(argv))
+        options.parseOptions(["--store", "memory", *argv])
         return tap.makeService(options, reactor=reactor)
 
     def test_listens_where_told(self):

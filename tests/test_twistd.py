@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -22,9 +23,11 @@ class RunningBroker:
     A broker subprocess listening on a free loopback port.
     """
 
-    def __init__(self, *args):
+    def __init__(self, store, *args):
         self.process = subprocess.Popen(
-            broker_command("--listen", "tcp:0:interface=127.0.0.1", *args),
+            broker_command(
+                "--listen", "tcp:0:interface=127.0.0.1", "--store", store, *args
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
@@ -71,8 +74,13 @@ def read(reader):
 
 
 class TwistdTests(SynchronousTestCase):
+    def setUp(self):
+        scratch = tempfile.TemporaryDirectory(prefix="caps-twistd-")
+        self.addCleanup(scratch.cleanup)
+        self.store = "sqlite:" + os.path.join(scratch.name, "caps.sqlite3")
+
     def start(self, *args):
-        broker = RunningBroker(*args)
+        broker = RunningBroker(self.store, *args)
         self.addCleanup(broker.stop)
         return broker
 
@@ -124,7 +132,9 @@ class TwistdTests(SynchronousTestCase):
         broker = self.start()
         host, port = broker.address
         result = subprocess.run(
-            broker_command("--listen", f"tcp:{port}:interface={host}"),
+            broker_command(
+                "--listen", f"tcp:{port}:interface={host}", "--store", "memory"
+            ),
             capture_output=True,
             timeout=60,
         )

@@ -1,0 +1,135 @@
+"""
+Where the broker's durable state lives.
+
+The broker keeps its queues in memory and tells its store about every
+change as it makes it; the store makes the changes durable in its own time
+(in groups) and says when they are, through L{IStore.flushed}.  On start
+the broker takes its state from L{IStore.load}.
+
+Two stores: L{memory.MemoryStore} (the state lives as long as the process)
+and L{sqlite.SQLiteStore} (a file, every confirmed change synced to disk).
+"""
+
+from collections import OrderedDict
+
+import attrs
+from zope.interface import Attribute, Interface
+
+from caps.frames import ProtocolError
+
+
+class StoreUnavailable(ProtocolError):
+    """
+    The store cannot make changes durable now (disk full, I/O error).
+    """
+
+    code = "store-unavailable"
+
+
+class StoreError(SystemExit):
+    """
+    The store cannot be opened: twistd exits with this one-line reason.
+    """
+
+
+@attrs.define(eq=False)
+class State:
+    """
+    The broker's durable state, as a store hands it over.
+
+    @ivar queues: (clientId, event) -> L{caps.queue.Queue}, with messages.
+    @ivar live: messageId -> how many queues hold that message.
+    @ivar seen: client-given messageId -> when it may be forgotten, in that
+        order.
+    @ivar seq: the last message sequence number used.
+    @ivar next_qid: the number the next new queue gets.
+    """
+
+    queues: dict = attrs.Factory(dict)
+    live: dict = attrs.Factory(dict)
+    seen: OrderedDict = attrs.Factory(OrderedDict)
+    seq: int = 0
+    next_qid: int = 1
+
+
+class IStore(Interface):
+    """
+    Durable storage for the broker's state.  The broker calls the change
+    methods synchronously, in the order it makes the changes; none of them
+    does I/O on the caller's thread.
+    """
+
+    available = Attribute("False while the store is failing to write.")
+
+    def load():
+        """
+        The state as last made durable, as a L{State}: every message ready
+        (none in flight), each queue's messages in order.
+        """
+
+    def queue_saved(queue):
+        """
+        A queue was created, or its subscription (flag, filter) changed.
+        """
+
+    def queue_dropped(queue):
+        """
+        A queue and all its entries were deleted.
+        """
+
+    def message_added(message, queues):
+        """
+        A message was published into C{queues} (an iterable of queues).
+        """
+
+    def entry_removed(queue, message):
+        """
+        A message was acknowledged in one queue.
+        """
+
+    def message_dropped(message):
+        """
+        A message left its last queue.
+        """
+
+    def delivered(entry):
+        """
+        An entry was sent to a consumer: C{entry.deliveries} is its new count.
+        """
+
+    def id_remembered(message_id, expires):
+        """
+        A client-given messageId is to be treated as a duplicate until
+        C{expires} (seconds since the epoch).
+        """
+
+    def flushed():
+        """
+        L{None} if every change recorded so far is durable already; else a
+        L{Deferred} that fires once it is, or fails with L{StoreUnavailable}.
+        """
+
+    def close():
+        """
+        Write what is pending and release the store; returns a L{Deferred}.
+        """
+
+
+def open_store(description, clock, sync="full"):
+    """
+    Open the store described by C{memory} or C{sqlite:PATH}.
+
+    @raise StoreError: with a one-line reason if it cannot be opened.
+    """
+    kind, _, rest = description.partition(":")
+    if kind == "memory" and not rest:
+        from caps.store.memory import MemoryStore
+
+        return MemoryStore()
+    if kind == "sqlite" and rest:
+        from caps.store.sqlite import SQLiteStore
+
+        return SQLiteStore.open(rest, clock, sync=sync)
+    raise StoreError(
+        f"caps-broker: unknown store {description!r} (use memory or sqlite:PATH)"
+    )

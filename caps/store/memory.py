@@ -1,0 +1,52 @@
+"""
+The memory store: the broker's state lives as long as the process.
+"""
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from caps.store import IStore, State
+
+
+@implementer(IStore)
+class MemoryStore:
+    """
+    Keeps the state object itself: a broker made again on the same store
+    (in the same process) finds every queue and message, with the messages
+    that were in flight ready again.  Nothing survives the process.
+    """
+
+    available = True
+
+    def __init__(self):
+        self._state = State()
+
+    def load(self):
+        return self._state
+
+    def queue_saved(self, queue):
+        pass
+
+    def queue_dropped(self, queue):
+        pass
+
+    def message_added(self, message, queues):
+        pass
+
+    def entry_removed(self, queue, message):
+        pass
+
+    def message_dropped(self, message):
+        pass
+
+    def delivered(self, entry):
+        pass
+
+    def id_remembered(self, message_id, expires):
+        pass
+
+    def flushed(self):
+        return None
+
+    def close(self):
+        return defer.succeed(None)

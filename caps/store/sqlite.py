@@ -1,0 +1,381 @@
+"""
+The SQLite store: the broker's state in one file, every confirmed change
+synced to disk before the confirmation goes out.
+
+Changes are recorded as the broker makes them and written in groups: all
+the changes of one pass of the reactor go to disk in one transaction (one
+fsync), on a single writer thread, so the reactor never waits for the disk
+and a batch builds up while the previous one is being synced.
+"""
+
+import errno
+import fcntl
+import itertools
+import json
+import os
+import sqlite3
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from caps.queue import Message, Queue
+from caps.store import IStore, State, StoreError, StoreUnavailable
+
+# "CAPS" in PRAGMA application_id; the schema's version in user_version.
+APPLICATION_ID = 0x43415053
+SCHEMA_VERSION = 1
+SYNC_MODES = {"full": "FULL", "normal": "NORMAL"}
+# Seconds between attempts to write after a failed write.
+RETRY_DELAY = 1.0
+# Free pages kept before giving space back to the file system.
+FREE_PAGES_KEPT = 1024
+
+SCHEMA = """
+CREATE TABLE queues (
+    qid INTEGER PRIMARY KEY,
+    client_id TEXT NOT NULL,
+    event TEXT NOT NULL,
+    subscribed INTEGER NOT NULL,
+    filter TEXT,
+    UNIQUE (client_id, event)
+);
+CREATE TABLE messages (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    event TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    time REAL NOT NULL
+);
+CREATE TABLE entries (
+    qid INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    deliveries INTEGER NOT NULL,
+    PRIMARY KEY (qid, seq)
+) WITHOUT ROWID;
+CREATE TABLE dedupe (
+    id TEXT PRIMARY KEY,
+    expires REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX dedupe_expires ON dedupe (expires);
+"""
+
+SAVE_QUEUE = (
+    "INSERT INTO queues (qid, client_id, event, subscribed, filter)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (qid) DO UPDATE"
+    " SET subscribed = excluded.subscribed, filter = excluded.filter"
+)
+DROP_ENTRIES = "DELETE FROM entries WHERE qid = ?"
+DROP_QUEUE = "DELETE FROM queues WHERE qid = ?"
+ADD_MESSAGE = (
+    "INSERT INTO messages (seq, id, event, payload, time) VALUES (?, ?, ?, ?, ?)"
+)
+ADD_ENTRY = "INSERT INTO entries (qid, seq, deliveries) VALUES (?, ?, 0)"
+REMOVE_ENTRY = "DELETE FROM entries WHERE qid = ? AND seq = ?"
+DROP_MESSAGE = "DELETE FROM messages WHERE seq = ?"
+DELIVERED = "UPDATE entries SET deliveries = ? WHERE qid = ? AND seq = ?"
+REMEMBER_ID = "INSERT OR REPLACE INTO dedupe (id, expires) VALUES (?, ?)"
+FORGET_IDS = "DELETE FROM dedupe WHERE expires <= ?"
+
+
+def _lock(path):
+    """
+    Take the store's lock file, so that no other broker opens the store.
+    """
+    lock_path = path + ".lock"
+    try:
+        handle = open(lock_path, "a+")
+    except OSError as e:
+        raise StoreError(
+            f"caps-broker: cannot open store sqlite:{path}: {e.strerror}"
+        ) from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise StoreError(
+                f"caps-broker: store sqlite:{path} is in use by another broker "
+                f"(pid {owner})"
+            ) from None
+        raise StoreError(
+            f"caps-broker: cannot lock {lock_path}: {e.strerror}"
+        ) from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def _prepare(connection, path, sync):
+    """
+    Check (or create) the schema and set the connection up.
+    """
+    application_id = connection.execute("PRAGMA application_id").fetchone()[0]
+    version = connection.execute("PRAGMA user_version").fetchone()[0]
+    tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    if application_id == 0 and tables == 0:
+        # A new file: pages freed by deleted messages can be given back.
+        connection.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        if connection.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+            raise StoreError(f"caps-broker: sqlite:{path} cannot use WAL mode")
+        connection.executescript(
+            f"BEGIN; {SCHEMA} PRAGMA application_id = {APPLICATION_ID};"
+            f" PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        )
+    elif application_id != APPLICATION_ID:
+        raise StoreError(f"caps-broker: {path} is not a CAPS store")
+    elif version > SCHEMA_VERSION:
+        raise StoreError(
+            f"caps-broker: {path} was written by a newer CAPS (schema {version}); "
+            f"this broker reads schema {SCHEMA_VERSION}"
+        )
+    elif version < SCHEMA_VERSION:
+        raise StoreError(
+            f"caps-broker: {path} has schema {version}, which this broker "
+            f"cannot read (it reads schema {SCHEMA_VERSION})"
+        )
+    if connection.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+        raise StoreError(f"caps-broker: sqlite:{path} cannot use WAL mode")
+    connection.execute(f"PRAGMA synchronous = {SYNC_MODES[sync]}")
+    # Keep the write-ahead log from staying large after a burst.
+    connection.execute("PRAGMA journal_size_limit = 16777216")
+
+
+def _write(connection, ops, now):
+    """
+    Apply a batch of changes in one transaction (on the writer thread).
+    """
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        for sql, group in itertools.groupby(ops, key=lambda op: op[0]):
+            connection.executemany(sql, [op[1] for op in group])
+        connection.execute(FORGET_IDS, (now,))
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+    if connection.execute("PRAGMA freelist_count").fetchone()[0] > 2 * FREE_PAGES_KEPT:
+        connection.execute(f"PRAGMA incremental_vacuum({FREE_PAGES_KEPT})")
+
+
+@implementer(IStore)
+class SQLiteStore:
+    """
+    The broker's state in an SQLite file (WAL mode), written in groups by
+    one writer thread.
+
+    @ivar available: False after a failed write, until a retry succeeds;
+        the broker refuses changes meanwhile.
+    """
+
+    log = Logger()
+
+    def __init__(self, path, clock, connection, lock, runner=None):
+        self.path = path
+        self.clock = clock
+        self.available = True
+        self._connection = connection
+        self._lock = lock
+        self._runner = runner
+        self._pool = None
+        self._ops = []
+        self._waiters = []
+        # (ops, waiters) of the batch being written, or None
+        self._writing = None
+        self._call = None
+        self._closed = False
+
+    @classmethod
+    def open(cls, path, clock, sync="full", runner=None):
+        """
+        Open (or create) the store at C{path}.
+
+        @param runner: how to run a write: C{runner(f, *args)} returns a
+            L{Deferred}; by default, on a single writer thread.
+        @raise StoreError: with a one-line reason.
+        """
+        path = os.path.abspath(path)
+        lock = _lock(path)
+        try:
+            connection = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False
+            )
+            _prepare(connection, path, sync)
+        except sqlite3.Error as e:
+            lock.close()
+            raise StoreError(
+                f"caps-broker: cannot open store sqlite:{path}: {e}"
+            ) from None
+        except StoreError:
+            lock.close()
+            raise
+        return cls(path, clock, connection, lock, runner)
+
+    def load(self):
+        state = State()
+        connection = self._connection
+        queues = {}
+        for qid, client_id, event, subscribed, flt in connection.execute(
+            "SELECT qid, client_id, event, subscribed, filter FROM queues"
+        ):
+            queue = Queue(
+                client_id,
+                event,
+                qid,
+                filter=json.loads(flt) if flt else None,
+                subscribed=bool(subscribed),
+            )
+            queues[qid] = state.queues[client_id, event] = queue
+            state.next_qid = max(state.next_qid, qid + 1)
+        messages = {}
+        for seq, message_id, event, payload, time in connection.execute(
+            "SELECT seq, id, event, payload, time FROM messages"
+        ):
+            messages[seq] = Message(message_id, event, bytes(payload), seq, time)
+            state.seq = max(state.seq, seq)
+        live = state.live
+        for qid, seq, deliveries in connection.execute(
+            "SELECT qid, seq, deliveries FROM entries ORDER BY qid, seq"
+        ):
+            message = messages[seq]
+            queues[qid].append(message, deliveries)
+            live[message.id] = live.get(message.id, 0) + 1
+        for message_id, expires in connection.execute(
+            "SELECT id, expires FROM dedupe WHERE expires > ? ORDER BY expires",
+            (self.clock.seconds(),),
+        ):
+            state.seen[message_id] = expires
+        return state
+
+    # Changes, recorded in order
+
+    def _record(self, sql, params):
+        if self._closed:
+            return
+        self._ops.append((sql, params))
+        if self._call is None and self._writing is None:
+            self._call = self.clock.callLater(0, self._flush)
+
+    def queue_saved(self, queue):
+        flt = json.dumps(queue.filter, sort_keys=True) if queue.filter else None
+        self._record(
+            SAVE_QUEUE,
+            (queue.qid, queue.client_id, queue.event, int(queue.subscribed), flt),
+        )
+
+    def queue_dropped(self, queue):
+        self._record(DROP_ENTRIES, (queue.qid,))
+        self._record(DROP_QUEUE, (queue.qid,))
+
+    def message_added(self, message, queues):
+        self._record(
+            ADD_MESSAGE,
+            (message.seq, message.id, message.event, message.payload, message.time),
+        )
+        for queue in queues:
+            self._record(ADD_ENTRY, (queue.qid, message.seq))
+
+    def entry_removed(self, queue, message):
+        self._record(REMOVE_ENTRY, (queue.qid, message.seq))
+
+    def message_dropped(self, message):
+        self._record(DROP_MESSAGE, (message.seq,))
+
+    def delivered(self, entry):
+        self._record(DELIVERED, (entry.deliveries, entry.queue.qid, entry.message.seq))
+
+    def id_remembered(self, message_id, expires):
+        self._record(REMEMBER_ID, (message_id, expires))
+
+    # Group commit
+
+    def flushed(self):
+        if self._ops:
+            waiters = self._waiters
+        elif self._writing is not None:
+            waiters = self._writing[1]
+        else:
+            return None
+        d = defer.Deferred()
+        waiters.append(d)
+        return d
+
+    def _run(self, f, *args):
+        if self._runner is not None:
+            return self._runner(f, *args)
+        if self._pool is None:
+            self._pool = ThreadPool(1, 1, name="caps-store-writer")
+            self._pool.start()
+        return deferToThreadPool(self.clock, self._pool, f, *args)
+
+    def _flush(self):
+        self._call = None
+        if self._writing is not None or not self._ops:
+            return
+        self._writing = (self._ops, self._waiters)
+        self._ops, self._waiters = [], []
+        d = self._run(_write, self._connection, self._writing[0], self.clock.seconds())
+        d.addBoth(self._written)
+
+    def _written(self, result):
+        ops, waiters = self._writing
+        self._writing = None
+        if isinstance(result, Failure):
+            if self.available:
+                self.log.failure(
+                    "cannot write to store sqlite:{path}; retrying every {delay} s",
+                    result,
+                    path=self.path,
+                    delay=RETRY_DELAY,
+                )
+            self.available = False
+            # Written again first, in order, when the store recovers.
+            self._ops = ops + self._ops
+            for waiter in waiters:
+                waiter.errback(
+                    StoreUnavailable("the broker cannot write to its store now")
+                )
+            if not self._closed:
+                self._call = self.clock.callLater(RETRY_DELAY, self._flush)
+            return None
+        if not self.available:
+            self.log.info("store sqlite:{path} is writable again", path=self.path)
+            self.available = True
+        for waiter in waiters:
+            waiter.callback(None)
+        if self._ops and self._call is None:
+            self._flush()
+        return None
+
+    def close(self):
+        """
+        Write what is pending, then release the file, its lock and the
+        writer thread.
+        """
+        return defer.ensureDeferred(self._close())
+
+    async def _close(self):
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        while self._writing is not None or (self._ops and self.available):
+            waiting = self.flushed()
+            self._flush()
+            try:
+                await waiting
+            except StoreUnavailable:
+                break
+        self._closed = True
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        if self._pool is not None:
+            self._pool.stop()
+        self._connection.close()
+        self._lock.close()
