@@ -18,83 +18,55 @@ from collections import OrderedDict
 import attrs
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.protocols.basic import LineReceiver
 
-from caps.frames import BadJSON, decode_json, encode_json
+from caps.client_protocol import CapsError, ClientFactory, Delivery
 
 HANDLED_MEMORY = 100_000
+# Errors that say a frame can never succeed; any other error (the store is
+# failing, the broker hit a bug, a limit) is worth trying again.
+FINAL_ERRORS = frozenset(
+    {"bad-json", "bad-frame", "bad-name", "reserved-event", "line-too-long"}
+)
+# Seconds before trying a refused publish or a failed handler again,
+# doubling each time up to the maximum.
+RETRY_FIRST = 1.0
+RETRY_MAX = 30.0
 
 
-class CapsError(Exception):
-    """
-    The broker answered C{error}.
-    """
-
-    def __init__(self, code, message):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-@attrs.frozen
-class Delivery:
-    """
-    A message the broker sent from one of our queues.
-    """
-
-    client_id: str
-    event: str
-    message_id: str
-    payload: dict
-    redelivered: bool = False
-    deliveries: int = 1
+def _retry_delay(attempts):
+    return min(RETRY_FIRST * 2 ** max(attempts - 1, 0), RETRY_MAX)
 
 
 @attrs.define(eq=False)
 class Subscription:
+    """
+    @ivar closing: unsubscribe was asked for; it is sent once the handlers
+        still running for this queue are done.
+    """
+
     client_id: str
     event: str
     handler: object
     filter: dict | None = None
     on_caught_up: object = None
+    closing: bool = False
 
 
-class ClientProtocol(LineReceiver):
+@attrs.define(eq=False)
+class _Outgoing:
     """
-    One connection to the broker; everything it reads goes to the client.
+    A publish the broker has not confirmed yet.
+
+    @ivar sent: it was sent on the current connection and awaits an answer.
+    @ivar attempts: how many times the broker refused it for now.
     """
 
-    delimiter = b"\n"
-    MAX_LENGTH = 16 * 1024 * 1024
-    log = Logger()
-
-    def connectionMade(self):
-        self.factory.client._connected(self)
-
-    def connectionLost(self, reason):
-        self.factory.client._disconnected(self)
-
-    def lineReceived(self, line):
-        try:
-            frame = decode_json(line)
-        except BadJSON as e:
-            self.log.warn("broker sent a line that is not JSON: {why}", why=e)
-            return
-        if isinstance(frame, dict):
-            self.factory.client._frame_received(frame)
-
-    def send(self, frame):
-        self.transport.write(encode_json(frame) + b"\n")
-
-
-class _ClientFactory(Factory):
-    protocol = ClientProtocol
-    noisy = False
-
-    def __init__(self, client):
-        self.client = client
+    frame: dict
+    deferred: defer.Deferred
+    sent: bool = False
+    attempts: int = 0
+    retry: object = None
 
 
 class _Recent:
@@ -129,20 +101,25 @@ class CapsClient:
         self.clock = clock
         self._service = ClientService(
             endpoint,
-            _ClientFactory(self),
+            ClientFactory(self),
             retryPolicy=retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=5.0),
             clock=clock,
         )
         self._protocol = None
         self._ids = itertools.count(1)
         self._subscriptions = {}
-        # messageId -> (frame, Deferred) for publishes not yet confirmed
+        # messageId -> _Outgoing, for publishes not yet confirmed
         self._outbox = OrderedDict()
         # request id -> what to do with the answer, for this connection
         self._requests = {}
         self._handled = _Recent(HANDLED_MEMORY)
         # (clientId, event, messageId) -> running handler
         self._working = {}
+        # (clientId, event, messageId) -> attempts and the call that will
+        # hand a failed message to its handler again
+        self._retrying = {}
+        # (clientId, event, messageId) -> call that sends a refused ack again
+        self._ack_retries = {}
         # (clientId, event, messageId) of acknowledgements not yet confirmed
         self._acking = set()
         self._idle_waiters = []
@@ -150,6 +127,7 @@ class CapsClient:
         self._catching_up = {}
         # None until stop(); then the callers waiting for it; True once closed
         self._stopped = None
+        self._stopping = False
         self.on_connect = None
         self.on_disconnect = None
 
@@ -160,14 +138,20 @@ class CapsClient:
 
     def stop(self, timeout=5.0):
         """
-        Stop after every publish and acknowledgement is confirmed and every
-        running handler has finished, or after C{timeout} seconds.  Safe to
-        call more than once.
+        Stop taking new messages, then close once every publish and
+        acknowledgement is confirmed and every running handler has finished,
+        or after C{timeout} seconds.  Safe to call more than once.
 
         @return: a L{Deferred} that fires once the connection is closed.
         """
         if self._stopped is None:
             self._stopped = []
+            # No new work from here on: messages not handled yet go back to
+            # their queues when the connection closes.
+            self._stopping = True
+            for _, call in self._retrying.values():
+                call.cancel()
+            self._retrying.clear()
             waiter = defer.Deferred()
             self._idle_waiters.append(waiter)
             waiter.addTimeout(timeout, self.clock, onTimeoutCancel=lambda *a: None)
@@ -182,6 +166,10 @@ class CapsClient:
         return closed
 
     def _closed(self, result):
+        calls = list(self._ack_retries.values())
+        calls += [o.retry for o in self._outbox.values() if o.retry is not None]
+        for call in calls:
+            call.cancel()
         watchers, self._stopped = self._stopped, True
         for watcher in watchers:
             watcher.callback(None)
@@ -190,6 +178,13 @@ class CapsClient:
     @property
     def connected(self):
         return self._protocol is not None
+
+    @property
+    def stopping(self):
+        """
+        Whether L{stop} was called.
+        """
+        return self._stopping
 
     def _is_idle(self):
         return not (self._outbox or self._working or self._acking)
@@ -218,13 +213,22 @@ class CapsClient:
 
     def unsubscribe(self, client_id, event):
         """
-        Stop consuming (clientId, event); messages not yet handled go back
-        to the queue.  The queue itself stays and keeps collecting messages.
+        Stop consuming (clientId, event): no new message goes to the
+        handler; once the ones it is handling are done and acknowledged, the
+        broker is told, and takes back the rest.  The queue itself stays and
+        keeps collecting messages.
         """
-        del self._subscriptions[client_id, event]
-        if self._protocol is not None:
-            queue = {"clientId": client_id, "event": event}
-            self._request({"event": "unsubscribe", "payload": queue}, None)
+        self._subscriptions[client_id, event].closing = True
+        self._close_subscriptions()
+
+    def _close_subscriptions(self):
+        busy = {key[:2] for key in self._working}
+        for key, subscription in list(self._subscriptions.items()):
+            if subscription.closing and key not in busy:
+                del self._subscriptions[key]
+                if self._protocol is not None:
+                    queue = {"clientId": key[0], "event": key[1]}
+                    self._request({"event": "unsubscribe", "payload": queue}, None)
 
     def publish(self, event, payload, to=None, message_id=None):
         """
@@ -240,9 +244,9 @@ class CapsClient:
         if to is not None:
             frame["to"] = to
         if message_id in self._outbox:
-            return self._outbox[message_id][1]
+            return self._outbox[message_id].deferred
         d = defer.Deferred()
-        self._outbox[message_id] = (frame, d)
+        self._outbox[message_id] = _Outgoing(frame, d)
         if self._protocol is not None:
             self._send_publish(message_id)
         return d
@@ -252,16 +256,18 @@ class CapsClient:
     def _connected(self, protocol):
         self._protocol = protocol
         self.log.info("connected to the broker")
-        if self.on_connect is not None:
-            self.on_connect()
         # Acknowledgements first, so that the broker does not send those
         # messages again with the backlog.
         for key in self._acking:
             self._send_ack(key)
+        self._close_subscriptions()
         for subscription in self._subscriptions.values():
             self._catch_up(subscription)
-        for message_id in self._outbox:
-            self._send_publish(message_id)
+        for message_id, outgoing in self._outbox.items():
+            if outgoing.retry is None:
+                self._send_publish(message_id)
+        if self.on_connect is not None:
+            self.on_connect()
 
     def _disconnected(self, protocol):
         if protocol is not self._protocol:
@@ -269,6 +275,12 @@ class CapsClient:
         self._protocol = None
         self._requests.clear()
         self._catching_up.clear()
+        for outgoing in self._outbox.values():
+            outgoing.sent = False
+        # The broker sends those messages again after the reconnect.
+        for _, call in self._retrying.values():
+            call.cancel()
+        self._retrying.clear()
         if self.on_disconnect is not None:
             self.on_disconnect()
 
@@ -305,19 +317,37 @@ class CapsClient:
         self._request({"event": "getAll", "payload": queue}, caught_up)
 
     def _send_publish(self, message_id):
-        frame, d = self._outbox[message_id]
+        outgoing = self._outbox[message_id]
+        outgoing.sent = True
 
         def ok(payload):
-            del self._outbox[message_id]
-            d.callback(payload)
-            self._check_idle()
+            if self._outbox.pop(message_id, None) is outgoing:
+                outgoing.deferred.callback(payload)
+                self._check_idle()
 
         def refused(error):
-            del self._outbox[message_id]
-            d.errback(error)
-            self._check_idle()
+            outgoing.sent = False
+            if error.code in FINAL_ERRORS:
+                del self._outbox[message_id]
+                outgoing.deferred.errback(error)
+                self._check_idle()
+                return
+            outgoing.attempts += 1
+            delay = _retry_delay(outgoing.attempts)
+            self.log.warn(
+                "publish {messageId} refused ({error}); trying again in {delay} s",
+                messageId=message_id,
+                error=error,
+                delay=delay,
+            )
+            outgoing.retry = self.clock.callLater(delay, resend)
 
-        self._request(dict(frame), ok, refused)
+        def resend():
+            outgoing.retry = None
+            if self._protocol is not None and not outgoing.sent:
+                self._send_publish(message_id)
+
+        self._request(dict(outgoing.frame), ok, refused)
 
     # Frames from the broker
 
@@ -356,14 +386,18 @@ class CapsClient:
             if key not in self._acking:
                 self._ack(key)
             return
-        if key in self._working:
+        if key in self._working or key in self._retrying:
             return
         subscription = self._subscriptions.get(key[:2])
-        if subscription is None:
-            # Sent before our unsubscribe reached the broker, which takes
-            # it back.
-            self.log.info("delivery for an unsubscribed queue {queue}", queue=key[:2])
+        if self._stopping or subscription is None or subscription.closing:
+            # Not ours to handle any more: it goes back to its queue when
+            # the broker takes the unsubscribe, or the connection closes.
             return
+        self._dispatch(subscription, delivery, key, 0)
+
+    def _dispatch(self, subscription, delivery, key, failures):
+        # Registered first: a handler that finishes at once must find it.
+        self._working[key] = None
         d = defer.maybeDeferred(subscription.handler, delivery)
         self._working[key] = d
 
@@ -371,19 +405,32 @@ class CapsClient:
             del self._working[key]
             self._handled.add(key)
             self._ack(key)
-            self._check_idle()
+            self._after_work()
 
         def failed(failure):
             del self._working[key]
+            delay = _retry_delay(failures + 1)
             self.log.failure(
-                "handler failed for {queue} {messageId}; it will come again",
+                "handler failed for {queue} {messageId}; trying again in {delay} s",
                 failure,
                 queue=key[:2],
                 messageId=key[2],
+                delay=delay,
             )
-            self._check_idle()
+            if not (self._stopping or subscription.closing):
+                call = self.clock.callLater(delay, retry)
+                self._retrying[key] = (failures + 1, call)
+            self._after_work()
+
+        def retry():
+            del self._retrying[key]
+            self._dispatch(subscription, delivery, key, failures + 1)
 
         d.addCallbacks(handled, failed)
+
+    def _after_work(self):
+        self._close_subscriptions()
+        self._check_idle()
 
     def _ack(self, key):
         """
@@ -401,6 +448,17 @@ class CapsClient:
             self._acking.discard(key)
             self._check_idle()
 
+        def refused(error):
+            if error.code in FINAL_ERRORS:
+                confirmed(None)
+            else:
+                self._ack_retries[key] = self.clock.callLater(_retry_delay(1), again)
+
+        def again():
+            del self._ack_retries[key]
+            if key in self._acking and self._protocol is not None:
+                self._send_ack(key)
+
         self._request(
             {
                 "event": "received",
@@ -411,5 +469,5 @@ class CapsClient:
                 },
             },
             confirmed,
-            confirmed,
+            refused,
         )

@@ -163,6 +163,10 @@ def encode_json(value):
         )
     except UnicodeEncodeError:
         return json.dumps(value, separators=(",", ":")).encode("ascii")
+    except RecursionError:
+        # Decoding takes a little less stack than encoding: a value nested
+        # just shallowly enough to decode can still be too deep here.
+        raise BadJSON("the JSON is nested too deeply") from None
 
 
 def _field(obj, key, kind, where, request_id, required=True):
@@ -257,7 +261,12 @@ def _publish(frame, event, payload, request_id):
         raise BadFrame(
             f"field messageId must be 1 to {MAX_MESSAGE_ID} characters", request_id
         )
-    return Publish(event, payload, encode_json(payload), to, message_id)
+    try:
+        body = encode_json(payload)
+    except BadJSON as e:
+        e.request_id = request_id
+        raise
+    return Publish(event, payload, body, to, message_id)
 
 
 def parse_line(line):

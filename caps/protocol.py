@@ -72,6 +72,9 @@ class BrokerProtocol(LineReceiver):
             request_id, command = frames.parse_line(line)
             handler, always, durable = self._handlers[type(command)]
             answer, payload = handler(command)
+            if not (always or request_id is not None):
+                return
+            reply = frames.reply(answer, payload, request_id)
         except frames.ProtocolError as e:
             if e.request_id is None:
                 e.request_id = request_id
@@ -82,10 +85,8 @@ class BrokerProtocol(LineReceiver):
             )
             self._reply(_internal_error(request_id))
         else:
-            if always or request_id is not None:
-                line = frames.reply(answer, payload, request_id)
-                wait = self.broker.store.flushed() if durable else None
-                self._reply(line, wait, request_id)
+            wait = self.broker.store.flushed() if durable else None
+            self._reply(reply, wait, request_id)
 
     def _refused(self, e):
         self.log.info(

@@ -82,7 +82,9 @@ class Vendor:
         self._loop.start(self.interval, now=True)
 
     def place_order(self):
-        if self.orders is not None and self.placed >= self.orders:
+        if self.client.stopping or (
+            self.orders is not None and self.placed >= self.orders
+        ):
             self._loop.stop()
             return
         order = fake_order(self.store, self.rng)
@@ -91,15 +93,21 @@ class Vendor:
         d = self.client.publish(
             "pickup", order, to="driver", message_id="pickup:" + order["orderId"]
         )
+
+        def refused(failure):
+            self.emit(
+                f"VENDOR {self.store}: order {order['orderId']} refused: "
+                f"{failure.getErrorMessage()}"
+            )
+            self._undelivered.discard(order["orderId"])
+            self._check_done()
+
         d.addCallbacks(
             lambda _: self.emit(
                 f"VENDOR {self.store}: placed order {order['orderId']} "
                 f"for {order['customer']}"
             ),
-            lambda f: self.emit(
-                f"VENDOR {self.store}: order {order['orderId']} refused: "
-                f"{f.getErrorMessage()}"
-            ),
+            refused,
         )
 
     def _caught_up(self, count):
@@ -115,6 +123,9 @@ class Vendor:
         order_id = delivery.payload.get("orderId")
         self.emit(f"VENDOR {self.store}: Thank you for delivering {order_id}")
         self._undelivered.discard(order_id)
+        self._check_done()
+
+    def _check_done(self):
         if (
             self.orders is not None
             and self.placed >= self.orders

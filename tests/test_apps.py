@@ -136,20 +136,20 @@ class AppTests(SynchronousTestCase):
         self.assertEqual(len(self.net.broker.queue("driver", "pickup")), 0)
 
     def test_driver_orders_limit(self):
-        """A driver with --orders 2 delivers two and leaves the rest for others."""
+        """A driver with --orders 2 delivers two; another driver takes the rest; nobody handles an order twice."""
         ann = self.driver("ann", delay=1.0, orders=2)
+        bob = self.driver("bob", delay=1.0)
         publisher = self.net.client()
-        for n in range(4):
+        for n in range(6):
             publisher.publish(
                 "pickup", {"orderId": f"o{n}", "store": "acme"}, to="driver"
             )
-        self.net.advance(3)
+        self.net.advance(8)
         self.successResultOf(ann.done)
-        self.assertEqual(ann.delivered, 2)
-        self.assertEqual(len(self.net.broker.queue("driver", "pickup")), 2)
-        bob = self.driver("bob", delay=1.0)
-        self.net.advance(3)
-        self.assertEqual(bob.delivered, 2)
+        self.assertEqual((ann.delivered, bob.delivered), (2, 4))
+        picked = self.lines(re.compile(r"DRIVER \S+: picked up (\S+)"))
+        self.assertEqual(sorted(picked), [f"o{n}" for n in range(6)])
+        self.assertEqual(len(self.net.broker.queue("driver", "pickup")), 0)
 
 
 class OptionsTests(SynchronousTestCase):

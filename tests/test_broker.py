@@ -268,6 +268,41 @@ class BrokerTests(SynchronousTestCase):
             self.broker.unsubscribe(self.connect(), "acme", "delivered")["deleted"]
         )
 
+    def test_delete_releases_messages(self):
+        """Deleting a queue frees its messages' ids and leaves other queues' copies alone."""
+        a, b = self.connect("a"), self.connect("b")
+        self.broker.subscribe(a, "acme", "delivered")
+        self.publish("delivered", {}, to=["acme", "logger"], message_id="shared")
+        self.publish("delivered", {}, to=["acme"], message_id="only")
+        self.broker.unsubscribe(b, "acme", "delivered", delete=True)
+        # The consumer that held them goes away: nothing comes back anywhere.
+        self.broker.disconnect(a)
+        self.assertEqual(len(self.broker.queue("logger", "delivered")), 1)
+        self.clock.advance(601)
+        # "only" left every queue and its window passed: it is new again.
+        self.assertEqual(
+            self.publish("delivered", {}, to=["acme"], message_id="only")["queues"], 1
+        )
+        self.assertTrue(
+            self.publish("delivered", {}, to=["x"], message_id="shared").get(
+                "duplicate"
+            )
+        )
+        again = self.connect("again")
+        self.broker.subscribe(again, "acme", "delivered")
+        self.assertEqual(again.ids(), ["only"])
+        self.assertEqual(again.deliveries[0]["deliveries"], 1)
+
+    def test_broker_protocol_is_a_connection(self):
+        """The real protocol provides the interface the broker talks to."""
+        from twisted.internet.testing import StringTransport
+
+        from caps.protocol import BrokerFactory
+
+        protocol = BrokerFactory(self.broker).buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        verifyObject(IConnection, protocol)
+
     def test_dedupe_while_queued(self):
         """A messageId still queued is a duplicate however long ago it was published."""
         first = self.publish(
@@ -320,7 +355,9 @@ class BrokerTests(SynchronousTestCase):
         """An id a client chose is never assigned by the broker to another message."""
         first = self.publish("e", {}, to=["c"])["messageId"]
         prefix, seq = first.rsplit("-", 1)
-        squatted = f"{prefix}-{int(seq) + 1}"
+        # The squatting publish takes sequence number 2 itself, so the
+        # broker's next id would be number 3.
+        squatted = f"{prefix}-{int(seq) + 2}"
         self.assertEqual(
             self.publish("e", {"n": 1}, to=["c"], message_id=squatted)["messageId"],
             squatted,

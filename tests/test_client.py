@@ -225,3 +225,134 @@ class ClientTests(SynchronousTestCase):
             self.assertTrue(base <= delay < base + 1, (n, delay))
         self.net.complete()
         self.assertTrue(client.connected)
+
+
+class ClientRecoveryTests(SynchronousTestCase):
+    """
+    What the client does when the broker refuses for now, when handlers
+    fail, and while it unsubscribes or stops.
+    """
+
+    def setUp(self):
+        self.net = MemoryNetwork()
+
+    def queue_ids(self, client_id, event):
+        queue = self.net.broker.queue(client_id, event)
+        return [] if queue is None else list(queue._entries)
+
+    def test_retries_store_unavailable(self):
+        """A publish refused with store-unavailable is kept and tried again until confirmed."""
+        client = self.net.client()
+        self.net.broker.store.available = False
+        d = client.publish("delivered", {}, to="acme", message_id="d1")
+        self.net.flush()
+        self.assertNoResult(d)
+        self.net.advance(1.0)
+        self.assertNoResult(d)
+        self.net.broker.store.available = True
+        self.net.advance(2.5)
+        self.assertEqual(self.successResultOf(d), {"messageId": "d1", "queues": 1})
+        self.assertEqual(self.queue_ids("acme", "delivered"), ["d1"])
+
+    def test_failed_handler_tried_again(self):
+        """A handler that fails gets the message again a moment later, on the same connection."""
+        client = self.net.client()
+        calls = []
+
+        def handler(delivery):
+            calls.append(delivery.message_id)
+            if len(calls) == 1:
+                raise ValueError("not now")
+
+        client.subscribe("acme", "delivered", handler)
+        client.publish("delivered", {}, to="acme", message_id="d1")
+        self.net.flush()
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual(self.queue_ids("acme", "delivered"), ["d1"])
+        self.net.advance(1.0)
+        self.assertEqual(calls, ["d1", "d1"])
+        self.assertEqual(self.queue_ids("acme", "delivered"), [])
+
+    def test_unsubscribe_waits_for_running_handlers(self):
+        """Unsubscribing finishes the message in hand; what arrives meanwhile goes to another consumer, none twice."""
+        a, b = self.net.client(), self.net.client()
+        pending = defer.Deferred()
+        got = {"a": [], "b": []}
+
+        def handle_a(delivery):
+            got["a"].append(delivery.message_id)
+            return pending
+
+        a.subscribe("driver", "pickup", handle_a)
+        a.publish("pickup", {}, to="driver", message_id="p0")
+        self.net.flush()
+        b.subscribe("driver", "pickup", lambda d: got["b"].append(d.message_id))
+        self.net.flush()
+        a.unsubscribe("driver", "pickup")
+        for n in range(1, 5):
+            b.publish("pickup", {}, to="driver", message_id=f"p{n}")
+        self.net.flush()
+        self.assertEqual(got["a"], ["p0"])
+        # Round robin sent some to a, which holds them unhandled.
+        self.assertLess(len(got["b"]), 4)
+        pending.callback(None)
+        self.net.flush()
+        self.assertEqual(got["a"], ["p0"])
+        self.assertEqual(sorted(got["b"]), ["p1", "p2", "p3", "p4"])
+        self.assertEqual(self.queue_ids("driver", "pickup"), [])
+
+    def test_stop_takes_no_new_work(self):
+        """Once stopping, the client finishes what it holds and hands nothing new to its handler."""
+        client = self.net.client()
+        publisher = self.net.client()
+        pending = defer.Deferred()
+        seen = []
+
+        def handler(delivery):
+            seen.append(delivery.message_id)
+            return pending
+
+        client.subscribe("acme", "delivered", handler)
+        publisher.publish("delivered", {}, to="acme", message_id="d0")
+        self.net.flush()
+        stopped = client.stop()
+        publisher.publish("delivered", {}, to="acme", message_id="d1")
+        self.net.flush()
+        self.assertEqual(seen, ["d0"])
+        pending.callback(None)
+        self.net.flush()
+        self.successResultOf(stopped)
+        self.assertEqual(self.queue_ids("acme", "delivered"), ["d1"])
+
+    def test_stop_from_handler_waits_for_ack(self):
+        """A handler that stops the client still gets its message acknowledged before the close."""
+        client = self.net.client()
+        stops = []
+
+        def handler(delivery):
+            # The broker will refuse the acknowledgement for a while.
+            self.net.broker.store.available = False
+            stops.append(client.stop())
+
+        client.subscribe("acme", "delivered", handler)
+        self.net.flush()
+        self.net.client().publish("delivered", {}, to="acme", message_id="d1")
+        self.net.flush()
+        self.assertNoResult(stops[0])
+        self.net.broker.store.available = True
+        self.net.advance(1.5)
+        self.successResultOf(stops[0])
+        self.assertEqual(self.queue_ids("acme", "delivered"), [])
+
+    def test_publish_from_on_connect(self):
+        """A publish made when the connection comes up is sent once and confirmed once."""
+        client = self.net.client()
+        results = []
+        client.on_connect = lambda: client.publish(
+            "hello-again", {}, to="log"
+        ).addCallback(results.append)
+        self.net.drop(self.net.pumps[0])
+        self.net.advance(10)
+        self.assertEqual(len(results), 1)
+        self.assertEqual(len(self.queue_ids("log", "hello-again")), 1)
+        self.assertTrue(client.connected)

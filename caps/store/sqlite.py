@@ -31,8 +31,10 @@ SCHEMA_VERSION = 1
 SYNC_MODES = {"full": "FULL", "normal": "NORMAL"}
 # Seconds between attempts to write after a failed write.
 RETRY_DELAY = 1.0
-# Free pages kept before giving space back to the file system.
-FREE_PAGES_KEPT = 1024
+# Once more than FREE_PAGES_MAX pages (4 MB) are free, give all but
+# FREE_PAGES_KEPT back to the file system.
+FREE_PAGES_MAX = 1024
+FREE_PAGES_KEPT = 256
 
 SCHEMA = """
 CREATE TABLE queues (
@@ -161,8 +163,13 @@ def _write(connection, ops, now):
         if connection.in_transaction:
             connection.execute("ROLLBACK")
         raise
-    if connection.execute("PRAGMA freelist_count").fetchone()[0] > 2 * FREE_PAGES_KEPT:
-        connection.execute(f"PRAGMA incremental_vacuum({FREE_PAGES_KEPT})")
+    free = connection.execute("PRAGMA freelist_count").fetchone()[0]
+    if free > FREE_PAGES_MAX:
+        # executescript steps the pragma to the end; execute would free a
+        # single page.
+        connection.executescript(
+            f"PRAGMA incremental_vacuum({free - FREE_PAGES_KEPT});"
+        )
 
 
 @implementer(IStore)

@@ -1,0 +1,72 @@
+"""
+The client's side of the wire: one connection's lines in and out, and the
+values the client hands to applications.
+"""
+
+import attrs
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+
+from caps.frames import BadJSON, decode_json, encode_json
+
+
+class CapsError(Exception):
+    """
+    The broker answered C{error}.
+    """
+
+    def __init__(self, code, message):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@attrs.frozen
+class Delivery:
+    """
+    A message the broker sent from one of our queues.
+    """
+
+    client_id: str
+    event: str
+    message_id: str
+    payload: dict
+    redelivered: bool = False
+    deliveries: int = 1
+
+
+class ClientProtocol(LineReceiver):
+    """
+    One connection to the broker; everything it reads goes to the client.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = 16 * 1024 * 1024
+    log = Logger()
+
+    def connectionMade(self):
+        self.factory.client._connected(self)
+
+    def connectionLost(self, reason):
+        self.factory.client._disconnected(self)
+
+    def lineReceived(self, line):
+        try:
+            frame = decode_json(line)
+        except BadJSON as e:
+            self.log.warn("broker sent a line that is not JSON: {why}", why=e)
+            return
+        if isinstance(frame, dict):
+            self.factory.client._frame_received(frame)
+
+    def send(self, frame):
+        self.transport.write(encode_json(frame) + b"\n")
+
+
+class ClientFactory(Factory):
+    protocol = ClientProtocol
+    noisy = False
+
+    def __init__(self, client):
+        self.client = client
