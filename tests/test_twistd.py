@@ -3,74 +3,17 @@ The real thing: `twistd -n caps-broker` as a subprocess, talked to over
 loopback TCP with plain sockets.  Every process is stopped by its PID.
 """
 
-import json
 import os
 import signal
-import socket
 import subprocess
+import sqlite3
 import tempfile
-import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from caps.demo import LISTENING, broker_command
+from caps.demo import broker_command
 
-START_TIMEOUT = 30.0
-
-
-class RunningBroker:
-    """
-    A broker subprocess listening on a free loopback port.
-    """
-
-    def __init__(self, store, *args):
-        self.process = subprocess.Popen(
-            broker_command(
-                "--listen", "tcp:0:interface=127.0.0.1", "--store", store, *args
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-        self.log = []
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline().decode("utf-8", "replace")
-            if not line:
-                break
-            self.log.append(line)
-            match = LISTENING.search(line)
-            if match:
-                host, port = match.group(1).rsplit(":", 1)
-                self.address = (host, int(port))
-                return
-        self.stop()
-        raise AssertionError("broker did not start:\n" + "".join(self.log))
-
-    def connect(self):
-        sock = socket.create_connection(self.address, timeout=10)
-        return sock, sock.makefile("rb")
-
-    def stop(self):
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-        try:
-            rest = self.process.communicate(timeout=15)[0]
-        except subprocess.TimeoutExpired:
-            os.kill(self.process.pid, signal.SIGKILL)
-            rest = self.process.communicate()[0]
-        self.log.append(rest.decode("utf-8", "replace"))
-        return self.process.returncode
-
-
-def send(sock, obj):
-    sock.sendall(json.dumps(obj).encode() + b"\n")
-
-
-def read(reader):
-    line = reader.readline()
-    assert line.endswith(b"\n"), line
-    return json.loads(line)
+from .processes import RunningBroker, read, send
 
 
 class TwistdTests(SynchronousTestCase):
@@ -112,7 +55,7 @@ class TwistdTests(SynchronousTestCase):
         self.assertEqual(read(vendor_in)["payload"]["code"], "bad-json")
         # twistd shuts down, then re-raises the signal that stopped it.
         self.assertEqual(broker.stop(), -signal.SIGTERM)
-        log = "".join(broker.log)
+        log = broker.text()
         self.assertIn("Server Shut Down.", log)
         self.assertIn('EVENT {"event": "pickup"', log)
         self.assertIn("bad-json", log)
@@ -142,3 +85,31 @@ class TwistdTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 1, output)
         self.assertIn(f"cannot listen on tcp:{port}", output)
         self.assertNotIn("Traceback", output)
+
+    def refused(self, *args):
+        result = subprocess.run(
+            broker_command("--listen", "tcp:0:interface=127.0.0.1", *args),
+            capture_output=True,
+            timeout=60,
+        )
+        output = (result.stdout + result.stderr).decode()
+        self.assertEqual(result.returncode, 1, output)
+        self.assertNotIn("Traceback", output)
+        return output
+
+    def test_store_in_use(self):
+        """A second broker on the same store refuses to start, naming the first one's pid."""
+        broker = self.start()
+        output = self.refused("--store", self.store)
+        self.assertIn("is in use by another broker", output)
+        self.assertIn(f"pid {broker.process.pid}", output)
+
+    def test_foreign_file(self):
+        """A broker pointed at another program's database refuses to start, in one line."""
+        path = self.store.split(":", 1)[1]
+        db = sqlite3.connect(path)
+        db.execute("CREATE TABLE invoices (n INTEGER)")
+        db.commit()
+        db.close()
+        output = self.refused("--store", self.store)
+        self.assertIn("is not a CAPS store", output)
