@@ -15,7 +15,7 @@ from zope.interface import Interface
 
 from caps.queue import Message, Queue
 from caps.routing import SubscriptionIndex
-from caps.store import State, StoreUnavailable
+from caps.store import UNAVAILABLE, State, StoreUnavailable
 from caps.store.memory import MemoryStore
 
 DEDUPE_WINDOW = 600.0
@@ -273,9 +273,7 @@ class Broker:
 
     def _check_writable(self):
         if not self.store.available:
-            raise StoreUnavailable(
-                "the broker cannot write to its store now; try again later"
-            )
+            raise StoreUnavailable(UNAVAILABLE)
 
     def _new_id(self):
         """

@@ -118,8 +118,8 @@ class CapsClient:
         # (clientId, event, messageId) -> attempts and the call that will
         # hand a failed message to its handler again
         self._retrying = {}
-        # (clientId, event, messageId) -> call that sends a refused ack again
-        self._ack_retries = {}
+        # Timers that try something refused for now again
+        self._timers = set()
         # (clientId, event, messageId) of acknowledgements not yet confirmed
         self._acking = set()
         self._idle_waiters = []
@@ -166,10 +166,9 @@ class CapsClient:
         return closed
 
     def _closed(self, result):
-        calls = list(self._ack_retries.values())
-        calls += [o.retry for o in self._outbox.values() if o.retry is not None]
-        for call in calls:
+        for call in self._timers:
             call.cancel()
+        self._timers.clear()
         watchers, self._stopped = self._stopped, True
         for watcher in watchers:
             watcher.callback(None)
@@ -226,9 +225,18 @@ class CapsClient:
         for key, subscription in list(self._subscriptions.items()):
             if subscription.closing and key not in busy:
                 del self._subscriptions[key]
-                if self._protocol is not None:
-                    queue = {"clientId": key[0], "event": key[1]}
-                    self._request({"event": "unsubscribe", "payload": queue}, None)
+                self._send_unsubscribe(key)
+
+    def _send_unsubscribe(self, key):
+        if self._protocol is None:
+            return
+
+        def refused(error):
+            if error.code not in FINAL_ERRORS:
+                self._later(_retry_delay(1), lambda: self._send_unsubscribe(key))
+
+        queue = {"clientId": key[0], "event": key[1]}
+        self._request({"event": "unsubscribe", "payload": queue}, None, refused)
 
     def publish(self, event, payload, to=None, message_id=None):
         """
@@ -284,6 +292,19 @@ class CapsClient:
         if self.on_disconnect is not None:
             self.on_disconnect()
 
+    def _later(self, delay, f):
+        """
+        Call C{f} after C{delay} seconds, unless the client has closed.
+        """
+
+        def fire():
+            self._timers.discard(call)
+            f()
+
+        call = self.clock.callLater(delay, fire)
+        self._timers.add(call)
+        return call
+
     def _request(self, frame, on_ok, on_error=None):
         request_id = next(self._ids)
         frame["id"] = request_id
@@ -297,16 +318,29 @@ class CapsClient:
         """
         key = (subscription.client_id, subscription.event)
         queue = {"clientId": subscription.client_id, "event": subscription.event}
-        if subscription.filter:
-            self._request(
-                {
-                    "event": "subscribe",
-                    "payload": dict(queue, filter=subscription.filter),
-                },
-                None,
+        payload = (
+            dict(queue, filter=subscription.filter) if subscription.filter else queue
+        )
+
+        def refused(error):
+            if error.code in FINAL_ERRORS:
+                self.log.error(
+                    "subscribe to {queue} refused: {error}", queue=key, error=error
+                )
+                return
+            self.log.warn(
+                "subscribe to {queue} refused ({error}); trying again",
+                queue=key,
+                error=error,
             )
-        else:
-            self._request({"event": "subscribe", "payload": queue}, None)
+            self._later(_retry_delay(1), again)
+
+        def again():
+            current = self._subscriptions.get(key)
+            if self._protocol is not None and current is subscription:
+                self._catch_up(subscription)
+
+        self._request({"event": "subscribe", "payload": payload}, None, refused)
         self._catching_up[key] = 0
 
         def caught_up(payload):
@@ -340,7 +374,7 @@ class CapsClient:
                 error=error,
                 delay=delay,
             )
-            outgoing.retry = self.clock.callLater(delay, resend)
+            outgoing.retry = self._later(delay, resend)
 
         def resend():
             outgoing.retry = None
@@ -452,10 +486,9 @@ class CapsClient:
             if error.code in FINAL_ERRORS:
                 confirmed(None)
             else:
-                self._ack_retries[key] = self.clock.callLater(_retry_delay(1), again)
+                self._later(_retry_delay(1), again)
 
         def again():
-            del self._ack_retries[key]
             if key in self._acking and self._protocol is not None:
                 self._send_ack(key)
 

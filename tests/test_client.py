@@ -254,6 +254,20 @@ class ClientRecoveryTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d), {"messageId": "d1", "queues": 1})
         self.assertEqual(self.queue_ids("acme", "delivered"), ["d1"])
 
+    def test_retries_subscribe(self):
+        """A subscribe refused with store-unavailable is sent again until it holds."""
+        client = self.net.client()
+        seen = []
+        self.net.broker.store.available = False
+        client.subscribe("acme", "delivered", seen.append)
+        self.net.flush()
+        self.assertIsNone(self.net.broker.queue("acme", "delivered"))
+        self.net.broker.store.available = True
+        self.net.advance(1.5)
+        self.net.client().publish("delivered", {}, to="acme")
+        self.net.flush()
+        self.assertEqual(len(seen), 1)
+
     def test_failed_handler_tried_again(self):
         """A handler that fails gets the message again a moment later, on the same connection."""
         client = self.net.client()

@@ -218,6 +218,42 @@ class FailureTests(_Files, SynchronousTestCase):
         self.assertEqual(ids, [f"m{n}" for n in range(6)])
 
 
+class _VacuumFails:
+    """
+    A connection whose housekeeping after a commit fails, as on a full disk.
+    """
+
+    def __init__(self, connection):
+        self._connection = connection
+
+    def __getattr__(self, name):
+        return getattr(self._connection, name)
+
+    def execute(self, sql, *args):
+        if sql.startswith("PRAGMA freelist_count"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._connection.execute(sql, *args)
+
+
+class HousekeepingTests(_Files, SynchronousTestCase):
+    def test_failed_vacuum_is_not_a_failed_write(self):
+        """A failure after the commit (giving space back) neither loses nor repeats the batch."""
+        store = self.open()
+        store._connection = _VacuumFails(store._connection)
+        broker = Broker(self.clock, store=store)
+        broker.publish("e", {}, b"{}", ("q",), "m1")
+        self.clock.advance(0)
+        self.assertTrue(store.available)
+        self.assertIsNone(store.flushed())
+        broker.publish("e", {}, b"{}", ("q",), "m2")
+        self.clock.advance(0)
+        self.assertTrue(store.available)
+        ids = [
+            r[0] for r in sqlite3.connect(self.path).execute("SELECT id FROM messages")
+        ]
+        self.assertEqual(ids, ["m1", "m2"])
+
+
 class OpenTests(_Files, SynchronousTestCase):
     def assertRefused(self, path, *words):
         e = self.assertRaises(

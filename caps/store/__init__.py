@@ -18,6 +18,9 @@ from zope.interface import Attribute, Interface
 from caps.frames import ProtocolError
 
 
+UNAVAILABLE = "the broker cannot write to its store now; try again later"
+
+
 class StoreUnavailable(ProtocolError):
     """
     The store cannot make changes durable now (disk full, I/O error).

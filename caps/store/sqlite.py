@@ -23,7 +23,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from caps.queue import Message, Queue
-from caps.store import IStore, State, StoreError, StoreUnavailable
+from caps.store import UNAVAILABLE, IStore, State, StoreError, StoreUnavailable
 
 # "CAPS" in PRAGMA application_id; the schema's version in user_version.
 APPLICATION_ID = 0x43415053
@@ -163,13 +163,18 @@ def _write(connection, ops, now):
         if connection.in_transaction:
             connection.execute("ROLLBACK")
         raise
-    free = connection.execute("PRAGMA freelist_count").fetchone()[0]
-    if free > FREE_PAGES_MAX:
-        # executescript steps the pragma to the end; execute would free a
-        # single page.
-        connection.executescript(
-            f"PRAGMA incremental_vacuum({free - FREE_PAGES_KEPT});"
-        )
+    # The batch is committed: giving space back is a separate, optional
+    # step, and its failure must not make the batch look unwritten.
+    try:
+        free = connection.execute("PRAGMA freelist_count").fetchone()[0]
+        if free > FREE_PAGES_MAX:
+            # executescript steps the pragma to the end; execute would free
+            # a single page.
+            connection.executescript(
+                f"PRAGMA incremental_vacuum({free - FREE_PAGES_KEPT});"
+            )
+    except sqlite3.Error:
+        pass
 
 
 @implementer(IStore)
@@ -346,9 +351,7 @@ class SQLiteStore:
             # Written again first, in order, when the store recovers.
             self._ops = ops + self._ops
             for waiter in waiters:
-                waiter.errback(
-                    StoreUnavailable("the broker cannot write to its store now")
-                )
+                waiter.errback(StoreUnavailable(UNAVAILABLE))
             if not self._closed:
                 self._call = self.clock.callLater(RETRY_DELAY, self._flush)
             return None
