@@ -240,7 +240,7 @@ def run_stall(bursts=1000, burst=100, threaded=True):
             last[0] = time.perf_counter()
 
         probe = task.LoopingCall(tick)
-        probe.start(0.001)
+        probe.start(0.001).addErrback(finished.errback)
         started = time.perf_counter()
         _run_until(reactor, finished)
         elapsed = time.perf_counter() - started

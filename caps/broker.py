@@ -10,45 +10,33 @@ import uuid
 from datetime import datetime, timezone
 
 import attrs
+from twisted.internet import defer, task
 from twisted.logger import Logger
-from zope.interface import Interface
 
+from caps.delivery import Delivery
+from caps.frames import DEAD_SUFFIX, ProtocolError
 from caps.queue import Message, Queue
 from caps.routing import SubscriptionIndex
+from caps.sessions import Catchup, Consumer, IConnection, Session
 from caps.store import UNAVAILABLE, State, StoreUnavailable
 from caps.store.memory import MemoryStore
+from caps.timers import Deadlines
 
 DEDUPE_WINDOW = 600.0
+ACK_TIMEOUT = 30.0
+PREFETCH = 1000
+MAX_DELIVERIES = 20
+MAX_QUEUE = 1_000_000
+
+__all__ = ["Broker", "IConnection", "QueueFull"]
 
 
-class IConnection(Interface):
+class QueueFull(ProtocolError):
     """
-    A client connection, as the broker sees it.
-    """
-
-    def deliver(entry):
-        """
-        Send one message to the client.
-
-        @param entry: a L{caps.queue.Entry}: C{entry.queue} names the queue
-            (clientId, event), C{entry.message} is the message, and
-            C{entry.deliveries} counts this delivery (more than 1 means it
-            was sent before).
-        """
-
-
-@attrs.define(eq=False)
-class _Session:
-    """
-    What the broker tracks for one connection.
-
-    @ivar consuming: the queues it consumes (a dict used as an ordered set).
-    @ivar in_flight: the entries sent to it and not yet acknowledged.
+    A publish would go past a queue's limit: refused, nothing dropped.
     """
 
-    connection: object
-    consuming: dict = attrs.Factory(dict)
-    in_flight: dict = attrs.Factory(dict)
+    code = "queue-full"
 
 
 class _EventRecord:
@@ -71,36 +59,72 @@ class _EventRecord:
 
 
 @attrs.define(eq=False)
-class Broker:
+class Broker(Delivery):
     """
     Routes published messages to queues and queues to consumers.
 
-    @ivar clock: an C{IReactorTime}, for message times and the dedupe
-        window.
+    @ivar clock: an C{IReactorTime}, for message times, the dedupe window,
+        ack timeouts, nack delays and expiry.
     @ivar dedupe_window: how long, in seconds, a client-given messageId is
         remembered after it was published (and, beyond that, as long as its
         message is in a queue).
+    @ivar ack_timeout: default seconds a delivered message may stay
+        unacknowledged before it goes back to its queue; 0 for never.
+    @ivar prefetch: default most messages in flight to one consumer.
+    @ivar max_deliveries: deliveries after which a message that comes back
+        goes to the dead letters instead.
+    @ivar max_queue: the most messages any queue may hold.
+    @ivar default_ttl: seconds a message lives if its publish gives no
+        C{ttl}; L{None} for ever.
     """
 
     clock: object
     store: object = attrs.Factory(MemoryStore)
     dedupe_window: float = DEDUPE_WINDOW
+    ack_timeout: float = ACK_TIMEOUT
+    prefetch: int = PREFETCH
+    max_deliveries: int = MAX_DELIVERIES
+    max_queue: int = MAX_QUEUE
+    default_ttl: float | None = None
     log = Logger()
     _state: State = attrs.field(init=False)
     _index: SubscriptionIndex = attrs.Factory(SubscriptionIndex)
     _sessions: dict = attrs.Factory(dict)
     _id_prefix: str = attrs.Factory(lambda: uuid.uuid4().hex[:12] + "-")
+    # Holders (consumers, sessions) whose oldest unacknowledged message
+    # has an ack timeout to watch
+    _timeouts: Deadlines = attrs.field(init=False)
+    # Entries given back with a delay
+    _delays: Deadlines = attrs.field(init=False)
+    # Queues that hold messages that can expire, and the sweep that looks
+    _expiring: dict = attrs.Factory(dict)
+    _sweep: task.LoopingCall = attrs.field(init=False)
 
     def __attrs_post_init__(self):
         """
         Take the state the store kept: every queue with its subscription,
         every message ready again in its place.
         """
+        self._timeouts = Deadlines(self.clock, self._check_timeouts)
+        self._delays = Deadlines(self.clock, self._delay_over)
+        self._sweep = task.LoopingCall(self._sweep_expired)
+        self._sweep.clock = self.clock
         self._state = self.store.load()
         for queue in self._state.queues.values():
             queue.recover()
             if queue.subscribed:
                 self._index.add(queue, queue.filter)
+            if queue.expiring:
+                self._watch_expiry(queue)
+
+    def stop(self):
+        """
+        Stop every timer (the broker is going away).
+        """
+        self._timeouts.stop()
+        self._delays.stop()
+        if self._sweep.running:
+            self._sweep.stop()
 
     @property
     def _queues(self):
@@ -130,11 +154,17 @@ class Broker:
             self.store.queue_saved(queue)
         return queue
 
+    def _check_writable(self):
+        if not self.store.available:
+            raise StoreUnavailable(UNAVAILABLE)
+
+    # Connections
+
     def connect(self, connection):
         """
         Start tracking a connection.
         """
-        self._sessions[connection] = _Session(connection)
+        self._sessions[connection] = Session(connection, self.ack_timeout)
 
     def disconnect(self, connection):
         """
@@ -142,31 +172,83 @@ class Broker:
         to it goes back to its place in its queue, to be sent again.
         """
         session = self._sessions.pop(connection)
-        for queue in session.consuming:
-            queue.consumers.remove(connection)
+        session.paused = True
+        session.catchups.clear()
+        for consumer in session.consuming.values():
+            self._drop_consumer(consumer)
         returned = {}
-        for entry in session.in_flight:
-            entry.queue.give_back(entry)
+        for entry in list(session.in_flight):
+            self._take_back(entry)
+            self._return(entry)
             returned[entry.queue] = None
         for queue in returned:
             self._pump(queue)
 
-    def subscribe(self, connection, client_id, event, filter=None):
+    def pause(self, connection):
+        """
+        The connection cannot take more now (its send buffer is full):
+        send it nothing until L{resume}.
+        """
+        self._sessions[connection].paused = True
+
+    def resume(self, connection):
+        """
+        The connection can take more again.
+        """
+        session = self._sessions.get(connection)
+        if session is None or not session.paused:
+            return
+        session.paused = False
+        for consumer in session.consuming.values():
+            self._list(consumer)
+            self._pump(consumer.queue)
+        self._continue_catchups(session)
+
+    # Consuming
+
+    def subscribe(
+        self,
+        connection,
+        client_id,
+        event,
+        filter=None,
+        prefetch=None,
+        ack_timeout=None,
+        max_length=None,
+    ):
         """
         Make C{connection} a consumer of (clientId, event), creating the
         queue if needed, and route matching messages to it from now on.
+
+        @param prefetch: the most messages in flight to this consumer.
+        @param ack_timeout: seconds before an unacknowledged message goes
+            back; 0 for never.
+        @param max_length: the most messages the queue may hold.
         """
         self._check_writable()
         queue = self._queue(client_id, event)
-        if not queue.subscribed or queue.filter != filter:
+        if (
+            not queue.subscribed
+            or queue.filter != filter
+            or queue.max_length != max_length
+        ):
             queue.filter = filter
             queue.subscribed = True
+            queue.max_length = max_length
             self._index.add(queue, filter)
             self.store.queue_saved(queue)
         session = self._sessions[connection]
-        if queue not in session.consuming:
-            session.consuming[queue] = None
-            queue.consumers.append(connection)
+        prefetch = prefetch or self.prefetch
+        ack_timeout = self.ack_timeout if ack_timeout is None else ack_timeout
+        consumer = session.consuming.get(queue)
+        if consumer is None:
+            consumer = Consumer(session, queue, prefetch, ack_timeout)
+            session.consuming[queue] = consumer
+            queue.consumers[consumer] = None
+        else:
+            consumer.prefetch = prefetch
+            consumer.ack_timeout = ack_timeout
+        self._list(consumer)
         self._pump(queue)
         return {"clientId": client_id, "event": event, "messages": len(queue)}
 
@@ -181,43 +263,74 @@ class Broker:
         if queue is None:
             return {"clientId": client_id, "event": event, "deleted": False}
         session = self._sessions[connection]
-        if queue in session.consuming:
-            del session.consuming[queue]
-            queue.consumers.remove(connection)
+        consumer = session.consuming.pop(queue, None)
+        if consumer is not None:
+            self._drop_consumer(consumer)
         if delete:
             self._delete(queue)
         else:
             for entry in [e for e in session.in_flight if e.queue is queue]:
-                del session.in_flight[entry]
-                queue.give_back(entry)
+                self._take_back(entry)
+                self._return(entry)
             self._pump(queue)
         return {"clientId": client_id, "event": event, "deleted": delete}
+
+    def _drop_consumer(self, consumer):
+        del consumer.queue.consumers[consumer]
+        # Left in with_room, it is skipped there from now on.
+        consumer.prefetch = 0
 
     def _delete(self, queue):
         del self._queues[queue.key]
         self._index.remove(queue)
+        self._expiring.pop(queue, None)
         self.store.queue_dropped(queue)
-        for connection in queue.consumers:
-            del self._sessions[connection].consuming[queue]
-        queue.consumers.clear()
+        for consumer in list(queue.consumers):
+            del consumer.session.consuming[queue]
+            self._drop_consumer(consumer)
+        queue.with_room.clear()
         for entry in queue.clear():
             if entry.owner is not None:
-                del self._sessions[entry.owner].in_flight[entry]
+                self._take_back(entry)
             self._release(entry.message)
 
     def get_all(self, connection, client_id, event):
         """
         Send C{connection} every ready message of (clientId, event), oldest
-        first; they are in flight to it until acknowledged.
+        first, as fast as it takes them; they are in flight to it until
+        acknowledged.
+
+        @return: a L{Deferred} firing with the answer once the queue has no
+            ready message left (at once, if it had none).
         """
+        done = defer.Deferred()
         queue = self._queues.get((client_id, event))
-        count = 0
-        if queue is not None:
-            session = self._sessions[connection]
-            while (entry := queue.pop_ready()) is not None:
-                self._send(session, entry)
-                count += 1
-        return {"clientId": client_id, "event": event, "count": count}
+
+        def finished(count):
+            done.callback({"clientId": client_id, "event": event, "count": count})
+
+        if queue is None:
+            finished(0)
+            return done
+        session = self._sessions[connection]
+        session.catchups.append(Catchup(queue, finished))
+        if len(session.catchups) == 1:
+            self._continue_catchups(session)
+        return done
+
+    def _continue_catchups(self, session):
+        while session.catchups and not session.paused:
+            catchup = session.catchups[0]
+            while not session.paused:
+                entry = self._next_ready(catchup.queue)
+                if entry is None:
+                    break
+                self._send(session, entry, None)
+                catchup.count += 1
+            if session.paused:
+                return
+            session.catchups.popleft()
+            catchup.done(catchup.count)
 
     def received(self, client_id, event, message_id):
         """
@@ -229,9 +342,10 @@ class Broker:
         entry = queue.remove(message_id) if queue is not None else None
         if entry is not None:
             if entry.owner is not None:
-                del self._sessions[entry.owner].in_flight[entry]
+                self._take_back(entry)
             self.store.entry_removed(queue, entry.message)
             self._release(entry.message)
+            self._pump(queue)
         return {
             "clientId": client_id,
             "event": event,
@@ -239,41 +353,101 @@ class Broker:
             "deleted": entry is not None,
         }
 
-    def publish(self, event, payload, body, to=(), message_id=None):
+    def nack(self, connection, client_id, event, message_id, delay=0):
+        """
+        The consumer gives a message back: ready again now, or after
+        C{delay} seconds; to the dead letters if it has been delivered
+        C{max_deliveries} times.
+        """
+        queue = self._queues.get((client_id, event))
+        entry = queue.get(message_id) if queue is not None else None
+        session = self._sessions[connection]
+        nacked = entry is not None and entry.owner is session
+        if nacked:
+            self._take_back(entry)
+            self._return(entry, delay)
+            self._pump(queue)
+        return {
+            "clientId": client_id,
+            "event": event,
+            "messageId": message_id,
+            "nacked": nacked,
+        }
+
+    def requeue(self, client_id, event, message_id=None):
+        """
+        Move dead letters of (clientId, event) back to that queue, at their
+        original places, with their delivery counts reset: one, or all.
+        """
+        self._check_writable()
+        dead = self._queues.get((client_id, event + DEAD_SUFFIX))
+        moved = 0
+        if dead is not None:
+            if message_id is None:
+                entries = sorted(dead.entries(), key=lambda e: e.message.seq)
+            else:
+                entries = [e for e in [dead.get(message_id)] if e is not None]
+            queue = self._queue(client_id, event)
+            for entry in entries:
+                if entry.owner is not None:
+                    continue
+                self._move(entry, queue)
+                moved += 1
+            self._pump(queue)
+        return {"clientId": client_id, "event": event, "requeued": moved}
+
+    # Publishing
+
+    def publish(self, event, payload, body, to=(), message_id=None, ttl=None):
         """
         Route a message to the queues of the clientIds in C{to} and to every
         subscribed queue whose filter it matches.
 
         @param payload: the decoded payload, for filters.
         @param body: the payload as encoded JSON bytes, sent as is.
+        @param ttl: seconds it may wait in a queue before it goes to the
+            dead letters; L{None} for the broker's default.
+        @raise QueueFull: if any of those queues is full; nothing is stored.
         """
         self._check_writable()
         now = self.clock.seconds()
         self._forget_old_ids(now)
-        if message_id is None:
-            message_id = self._new_id()
-        elif message_id in self._live or message_id in self._seen:
+        if message_id is not None and (
+            message_id in self._live or message_id in self._seen
+        ):
             return {"messageId": message_id, "queues": 0, "duplicate": True}
-        else:
-            expires = now + self.dedupe_window
-            self._seen[message_id] = expires
-            self.store.id_remembered(message_id, expires)
-        self._state.seq += 1
-        message = Message(message_id, event, body, self._state.seq, now)
         queues = dict.fromkeys(self._queue(client_id, event) for client_id in to)
         queues.update(dict.fromkeys(self._index.match(event, payload)))
+        for queue in queues:
+            limit = self.max_queue
+            if queue.max_length is not None:
+                limit = min(limit, queue.max_length)
+            if len(queue) >= limit:
+                raise QueueFull(
+                    f"queue ({queue.client_id}, {queue.event}) is full: "
+                    f"{len(queue)} messages, the limit is {limit}"
+                )
+        if message_id is None:
+            message_id = self._new_id()
+        else:
+            remember = now + self.dedupe_window
+            self._seen[message_id] = remember
+            self.store.id_remembered(message_id, remember)
+        if ttl is None:
+            ttl = self.default_ttl
+        expires = now + ttl if ttl is not None else None
+        self._state.seq += 1
+        message = Message(message_id, event, body, self._state.seq, now, expires)
         self.log.info("EVENT {record}", record=_EventRecord(message))
         if queues:
             self._live[message_id] = len(queues)
             self.store.message_added(message, queues)
             for queue in queues:
                 queue.append(message)
+                if expires is not None:
+                    self._watch_expiry(queue)
                 self._pump(queue)
         return {"messageId": message_id, "queues": len(queues)}
-
-    def _check_writable(self):
-        if not self.store.available:
-            raise StoreUnavailable(UNAVAILABLE)
 
     def _new_id(self):
         """
@@ -302,23 +476,3 @@ class Broker:
         else:
             del self._live[message.id]
             self.store.message_dropped(message)
-
-    def _pump(self, queue):
-        """
-        Send ready messages of C{queue} to its consumers, round robin.
-        """
-        consumers = queue.consumers
-        while consumers:
-            entry = queue.pop_ready()
-            if entry is None:
-                return
-            connection = consumers[0]
-            consumers.rotate(-1)
-            self._send(self._sessions[connection], entry)
-
-    def _send(self, session, entry):
-        entry.owner = session.connection
-        entry.deliveries += 1
-        self.store.delivered(entry)
-        session.in_flight[entry] = None
-        session.connection.deliver(entry)

@@ -17,12 +17,13 @@ from collections import OrderedDict
 
 import attrs
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from caps.client_protocol import CapsError, ClientFactory, Delivery
 
 HANDLED_MEMORY = 100_000
+PING_INTERVAL = 30.0
 # Errors that say a frame can never succeed; any other error (the store is
 # failing, the broker hit a bug, a limit) is worth trying again.
 FINAL_ERRORS = frozenset(
@@ -50,6 +51,8 @@ class Subscription:
     handler: object
     filter: dict | None = None
     on_caught_up: object = None
+    prefetch: int | None = None
+    ack_timeout: float | None = None
     closing: bool = False
 
 
@@ -97,8 +100,14 @@ class CapsClient:
 
     log = Logger()
 
-    def __init__(self, endpoint, clock, retry_policy=None):
+    def __init__(self, endpoint, clock, retry_policy=None, ping_interval=PING_INTERVAL):
         self.clock = clock
+        # Ping the broker this often; no answer by the next ping means the
+        # connection is dead (half-open): drop it and reconnect.
+        self._pinging = task.LoopingCall(self._ping)
+        self._pinging.clock = clock
+        self._ping_interval = ping_interval
+        self._awaiting_pong = False
         self._service = ClientService(
             endpoint,
             ClientFactory(self),
@@ -115,9 +124,6 @@ class CapsClient:
         self._handled = _Recent(HANDLED_MEMORY)
         # (clientId, event, messageId) -> running handler
         self._working = {}
-        # (clientId, event, messageId) -> attempts and the call that will
-        # hand a failed message to its handler again
-        self._retrying = {}
         # Timers that try something refused for now again
         self._timers = set()
         # (clientId, event, messageId) of acknowledgements not yet confirmed
@@ -149,9 +155,6 @@ class CapsClient:
             # No new work from here on: messages not handled yet go back to
             # their queues when the connection closes.
             self._stopping = True
-            for _, call in self._retrying.values():
-                call.cancel()
-            self._retrying.clear()
             waiter = defer.Deferred()
             self._idle_waiters.append(waiter)
             waiter.addTimeout(timeout, self.clock, onTimeoutCancel=lambda *a: None)
@@ -197,15 +200,31 @@ class CapsClient:
 
     # Public operations
 
-    def subscribe(self, client_id, event, handler, filter=None, on_caught_up=None):
+    def subscribe(
+        self,
+        client_id,
+        event,
+        handler,
+        filter=None,
+        on_caught_up=None,
+        prefetch=None,
+        ack_timeout=None,
+    ):
         """
         Consume (clientId, event): C{handler(delivery)} is called for each
         message once (it may return a L{Deferred}); the message is
         acknowledged when it returns.  After each (re)connect the queue's
         backlog is sent first; C{on_caught_up(count)} is then called with
         how many messages it held, before live messages follow.
+
+        @param prefetch: the most messages the broker sends before the
+            first is acknowledged (its own default if L{None}).
+        @param ack_timeout: seconds the broker waits for an acknowledgement
+            before sending the message again (its own default if L{None}).
         """
-        subscription = Subscription(client_id, event, handler, filter, on_caught_up)
+        subscription = Subscription(
+            client_id, event, handler, filter, on_caught_up, prefetch, ack_timeout
+        )
         self._subscriptions[client_id, event] = subscription
         if self._protocol is not None:
             self._catch_up(subscription)
@@ -274,6 +293,9 @@ class CapsClient:
         for message_id, outgoing in self._outbox.items():
             if outgoing.retry is None:
                 self._send_publish(message_id)
+        self._awaiting_pong = False
+        if self._ping_interval:
+            self._pinging.start(self._ping_interval, now=False)
         if self.on_connect is not None:
             self.on_connect()
 
@@ -285,12 +307,25 @@ class CapsClient:
         self._catching_up.clear()
         for outgoing in self._outbox.values():
             outgoing.sent = False
-        # The broker sends those messages again after the reconnect.
-        for _, call in self._retrying.values():
-            call.cancel()
-        self._retrying.clear()
+        if self._pinging.running:
+            self._pinging.stop()
         if self.on_disconnect is not None:
             self.on_disconnect()
+
+    def _ping(self):
+        if self._awaiting_pong:
+            self.log.warn(
+                "no answer from the broker in {seconds} s; reconnecting",
+                seconds=self._ping_interval,
+            )
+            self._protocol.transport.abortConnection()
+            return
+        self._awaiting_pong = True
+
+        def pong(_):
+            self._awaiting_pong = False
+
+        self._request({"event": "ping"}, pong)
 
     def _later(self, delay, f):
         """
@@ -390,7 +425,7 @@ class CapsClient:
         payload = frame.get("payload")
         if not isinstance(payload, dict):
             payload = {}
-        if event in ("ok", "error"):
+        if event in ("ok", "error", "pong"):
             handlers = self._requests.pop(frame.get("id"), None)
             if event == "error":
                 error = CapsError(payload.get("code"), payload.get("message"))
@@ -420,16 +455,16 @@ class CapsClient:
             if key not in self._acking:
                 self._ack(key)
             return
-        if key in self._working or key in self._retrying:
+        if key in self._working:
             return
         subscription = self._subscriptions.get(key[:2])
         if self._stopping or subscription is None or subscription.closing:
             # Not ours to handle any more: it goes back to its queue when
             # the broker takes the unsubscribe, or the connection closes.
             return
-        self._dispatch(subscription, delivery, key, 0)
+        self._dispatch(subscription, delivery, key)
 
-    def _dispatch(self, subscription, delivery, key, failures):
+    def _dispatch(self, subscription, delivery, key):
         # Registered first: a handler that finishes at once must find it.
         self._working[key] = None
         d = defer.maybeDeferred(subscription.handler, delivery)
@@ -443,22 +478,23 @@ class CapsClient:
 
         def failed(failure):
             del self._working[key]
-            delay = _retry_delay(failures + 1)
+            # The broker takes it back and sends it again after a back-off,
+            # perhaps to another consumer; after too many deliveries it goes
+            # to the dead letters.
+            delay = _retry_delay(delivery.deliveries)
             self.log.failure(
-                "handler failed for {queue} {messageId}; trying again in {delay} s",
+                "handler failed for {queue} {messageId}; it comes back in {delay} s",
                 failure,
                 queue=key[:2],
                 messageId=key[2],
                 delay=delay,
             )
-            if not (self._stopping or subscription.closing):
-                call = self.clock.callLater(delay, retry)
-                self._retrying[key] = (failures + 1, call)
+            if self._protocol is not None:
+                queue = {"clientId": key[0], "event": key[1], "messageId": key[2]}
+                self._request(
+                    {"event": "nack", "payload": dict(queue, delay=delay)}, None
+                )
             self._after_work()
-
-        def retry():
-            del self._retrying[key]
-            self._dispatch(subscription, delivery, key, failures + 1)
 
         d.addCallbacks(handled, failed)
 

@@ -11,9 +11,9 @@ import attrs
 from twisted.internet import defer, task
 
 from caps import app
-from caps.options import seconds
 from caps.client import CapsError
 from caps.frames import NAME
+from caps.options import positive_int, seconds
 
 
 @attrs.define(eq=False)
@@ -26,6 +26,8 @@ class Driver:
     once C{delivered} is confirmed.
 
     @ivar orders: stop after delivering this many; L{None} to run on.
+    @ivar capacity: the most orders it carries at once (its prefetch): the
+        broker gives the rest to drivers with room.
     @ivar done: fires when C{orders} are delivered.
     """
 
@@ -35,13 +37,14 @@ class Driver:
     emit: object
     delay: float = 2.0
     orders: int | None = None
+    capacity: int = 3
     started: int = 0
     delivered: int = 0
     done: defer.Deferred = attrs.Factory(defer.Deferred)
 
     def start(self):
         self.client.on_connect = lambda: self.emit(f"DRIVER {self.name}: connected")
-        self.client.subscribe("driver", "pickup", self._pickup)
+        self.client.subscribe("driver", "pickup", self._pickup, prefetch=self.capacity)
 
     def _pickup(self, delivery):
         self.started += 1
@@ -87,6 +90,7 @@ class Options(app.AppOptions):
     optParameters = [
         ["name", None, "ann", "This driver's name (shown to stores)."],
         ["delay", "d", 2.0, "Seconds between pickup and delivery.", seconds],
+        ["capacity", "c", 3, "Orders carried at once.", positive_int],
     ]
 
 
@@ -102,6 +106,7 @@ def main(reactor, *argv):
             app.emit,
             delay=options["delay"],
             orders=options["orders"],
+            capacity=options["capacity"],
         ),
     )
 

@@ -16,15 +16,22 @@ import attrs
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
 
 CONTROL_EVENTS = frozenset(
-    {"subscribe", "unsubscribe", "getAll", "getall", "received", "ping"}
+    {
+        "subscribe",
+        "unsubscribe",
+        "getAll",
+        "getall",
+        "received",
+        "nack",
+        "requeue",
+        "ping",
+    }
 )
 RESERVED_EVENTS = CONTROL_EVENTS | frozenset(
     {
         "ok",
         "error",
         "pong",
-        "nack",
-        "requeue",
         "login",
         "logout",
         "hello",
@@ -34,6 +41,11 @@ RESERVED_EVENTS = CONTROL_EVENTS | frozenset(
 )
 
 MAX_MESSAGE_ID = 128
+# A queue's dead letters are (clientId, event + DEAD_SUFFIX).
+DEAD_SUFFIX = ".dead"
+# Upper bounds for numbers in frames: beyond them a value is a mistake.
+MAX_PREFETCH = 1_000_000
+MAX_SECONDS = 10 * 365 * 24 * 3600
 
 
 class ProtocolError(Exception):
@@ -72,6 +84,9 @@ class Subscribe:
     client_id: str
     event: str
     filter: dict | None = None
+    prefetch: int | None = None
+    ack_timeout: float | None = None
+    max_length: int | None = None
 
 
 @attrs.frozen
@@ -95,6 +110,21 @@ class Received:
 
 
 @attrs.frozen
+class Nack:
+    client_id: str
+    event: str
+    message_id: str
+    delay: float = 0
+
+
+@attrs.frozen
+class Requeue:
+    client_id: str
+    event: str
+    message_id: str | None = None
+
+
+@attrs.frozen
 class Ping:
     payload: dict
 
@@ -115,6 +145,7 @@ class Publish:
     body: bytes
     to: tuple = ()
     message_id: str | None = None
+    ttl: float | None = None
 
 
 def _reject_constant(name):
@@ -197,10 +228,37 @@ def _name(value, field, request_id):
     return value
 
 
-def _queue_fields(payload, request_id):
+def _number(obj, key, where, request_id, low, high, integer=False, low_open=False):
+    """
+    An optional number field within bounds, or L{None}.
+    """
+    value = obj.get(key)
+    if value is None:
+        return None
+    kinds = int if integer else (int, float)
+    what = "a whole number" if integer else "a number"
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        raise BadFrame(f"field {where}{key} must be {what}", request_id)
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high:
+        bound = f"more than {low}" if low_open else f"at least {low}"
+        raise BadFrame(
+            f"field {where}{key} must be {what}, {bound} and at most {high}",
+            request_id,
+        )
+    return value
+
+
+def _queue_fields(payload, request_id, dead_letters=True):
+    """
+    The (clientId, event) a control frame names; with C{dead_letters}, the
+    event may be a queue's dead letters (C{pickup.dead}).
+    """
     client_id = _field(payload, "clientId", str, "payload.", request_id)
     event = _field(payload, "event", str, "payload.", request_id)
     _name(client_id, "payload.clientId", request_id)
+    if dead_letters and event.endswith(DEAD_SUFFIX) and NAME.match(event[:-5]):
+        return client_id, event
     _name(event, "payload.event", request_id)
     if event in RESERVED_EVENTS:
         raise ReservedEvent(
@@ -212,7 +270,17 @@ def _queue_fields(payload, request_id):
 def _subscribe(frame, payload, request_id):
     client_id, event = _queue_fields(payload, request_id)
     flt = _field(payload, "filter", dict, "payload.", request_id, required=False)
-    return Subscribe(client_id, event, flt or None)
+    where = ("payload.", request_id)
+    return Subscribe(
+        client_id,
+        event,
+        flt or None,
+        prefetch=_number(payload, "prefetch", *where, 1, MAX_PREFETCH, integer=True),
+        ack_timeout=_number(payload, "ackTimeout", *where, 0, MAX_SECONDS),
+        max_length=_number(
+            payload, "maxLength", *where, 1, MAX_PREFETCH * 1000, integer=True
+        ),
+    )
 
 
 def _unsubscribe(frame, payload, request_id):
@@ -231,6 +299,21 @@ def _received(frame, payload, request_id):
     return Received(client_id, event, message_id)
 
 
+def _nack(frame, payload, request_id):
+    client_id, event = _queue_fields(payload, request_id)
+    message_id = _field(payload, "messageId", str, "payload.", request_id)
+    delay = _number(payload, "delay", "payload.", request_id, 0, MAX_SECONDS)
+    return Nack(client_id, event, message_id, delay or 0)
+
+
+def _requeue(frame, payload, request_id):
+    client_id, event = _queue_fields(payload, request_id, dead_letters=False)
+    message_id = _field(
+        payload, "messageId", str, "payload.", request_id, required=False
+    )
+    return Requeue(client_id, event, message_id)
+
+
 def _ping(frame, payload, request_id):
     return Ping(payload)
 
@@ -241,6 +324,8 @@ _CONTROL = {
     "getAll": _get_all,
     "getall": _get_all,
     "received": _received,
+    "nack": _nack,
+    "requeue": _requeue,
     "ping": _ping,
 }
 
@@ -261,12 +346,13 @@ def _publish(frame, event, payload, request_id):
         raise BadFrame(
             f"field messageId must be 1 to {MAX_MESSAGE_ID} characters", request_id
         )
+    ttl = _number(frame, "ttl", "", request_id, 0, MAX_SECONDS, low_open=True)
     try:
         body = encode_json(payload)
     except BadJSON as e:
         e.request_id = request_id
         raise
-    return Publish(event, payload, body, to, message_id)
+    return Publish(event, payload, body, to, message_id, ttl)
 
 
 def parse_line(line):

@@ -4,25 +4,52 @@ broker's answers and deliveries back to bytes.
 """
 
 from collections import deque
+from datetime import datetime, timezone
 
+from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from caps import frames
-from caps.broker import IConnection
-from caps.store import StoreUnavailable
+from caps.sessions import IConnection
 
 DEFAULT_MAX_LINE = 64 * 1024
+IDLE_TIMEOUT = 120.0
+# Changes waiting for the store past which a connection's frames are not
+# read until the store has caught up.
+BACKLOG_HIGH = 20_000
 
 _TRUE_REDELIVERED = b',"redelivered":true,"deliveries":'
 _FALSE_REDELIVERED = b',"redelivered":false,"deliveries":'
 
 
+class _Valve:
+    """
+    The push producer a connection registers with its transport: when the
+    transport's send buffer fills up, the broker stops sending it messages
+    until the buffer drains.  (A separate object: L{LineReceiver} has
+    methods of these names for another purpose.)
+    """
+
+    def __init__(self, protocol):
+        self.protocol = protocol
+
+    def pauseProducing(self):
+        self.protocol.broker.pause(self.protocol)
+
+    def resumeProducing(self):
+        self.protocol.broker.resume(self.protocol)
+
+    def stopProducing(self):
+        pass
+
+
 @implementer(IConnection)
-class BrokerProtocol(LineReceiver):
+class BrokerProtocol(LineReceiver, TimeoutMixin):
     """
     One client connection: newline-delimited JSON frames in, replies and
     deliveries out.
@@ -44,17 +71,46 @@ class BrokerProtocol(LineReceiver):
             frames.Unsubscribe: (self._unsubscribe, False, True),
             frames.GetAll: (self._get_all, True, False),
             frames.Received: (self._received, False, True),
+            frames.Nack: (self._nack, False, False),
+            frames.Requeue: (self._requeue, False, True),
             frames.Ping: (self._ping, True, False),
             frames.Publish: (self._publish, False, True),
         }
         # Replies not written yet, in request order: [line, ready]
         self._replies = deque()
+        self._throttled = False
         self.broker.connect(self)
+        self.transport.registerProducer(_Valve(self), True)
+        self.callLater = self.broker.clock.callLater
+        self.setTimeout(self.factory.idle_timeout or None)
         self.log.info("{peer} connected", peer=self.peer)
 
     def connectionLost(self, reason):
+        self.setTimeout(None)
         self.broker.disconnect(self)
         self.log.info("{peer} disconnected", peer=self.peer)
+
+    def dataReceived(self, data):
+        self.resetTimeout()
+        super().dataReceived(data)
+
+    def timeoutConnection(self):
+        """
+        Nothing came from the client, not even a ping, for the idle
+        timeout: it is gone or stuck; its messages go back to their queues.
+        """
+        self.log.info(
+            "{peer} sent nothing for {seconds} s; closing",
+            peer=self.peer,
+            seconds=self.factory.idle_timeout,
+        )
+        self.transport.write(
+            frames.error(
+                "idle-timeout",
+                f"nothing received for {self.factory.idle_timeout:g} s; closing",
+            )
+        )
+        self.transport.abortConnection()
 
     def lineReceived(self, line):
         if self.transport.disconnecting:
@@ -74,7 +130,16 @@ class BrokerProtocol(LineReceiver):
             answer, payload = handler(command)
             if not (always or request_id is not None):
                 return
-            reply = frames.reply(answer, payload, request_id)
+            if isinstance(payload, defer.Deferred):
+                reply = payload.addCallback(
+                    lambda result: frames.reply(answer, result, request_id)
+                )
+            else:
+                reply = frames.reply(answer, payload, request_id)
+                if durable:
+                    wait = self.broker.store.flushed()
+                    if wait is not None:
+                        reply = wait.addCallback(lambda _, line=reply: line)
         except frames.ProtocolError as e:
             if e.request_id is None:
                 e.request_id = request_id
@@ -85,8 +150,9 @@ class BrokerProtocol(LineReceiver):
             )
             self._reply(_internal_error(request_id))
         else:
-            wait = self.broker.store.flushed() if durable else None
-            self._reply(reply, wait, request_id)
+            self._reply(reply, request_id)
+        if self.broker.store.backlog > BACKLOG_HIGH:
+            self._throttle()
 
     def _refused(self, e):
         self.log.info(
@@ -97,33 +163,52 @@ class BrokerProtocol(LineReceiver):
         )
         return frames.error(e.code, e.message, e.request_id)
 
-    def _reply(self, line, durable=None, request_id=None):
+    def _reply(self, reply, request_id=None):
         """
-        Write a reply after every reply to earlier frames; with C{durable}
-        (a L{Deferred} from the store), once it fires: an C{ok} goes out
-        only when what it confirms is on disk.
+        Write a reply after every reply to earlier frames.  C{reply} is a
+        line, or a L{Deferred} firing with one: an C{ok} that goes out only
+        once what it confirms is on disk, or the end of a C{getAll}.
         """
-        if durable is None and not self._replies:
-            self.transport.write(line)
+        if not isinstance(reply, defer.Deferred):
+            if not self._replies:
+                self.transport.write(reply)
+            else:
+                self._replies.append([reply, True])
             return
-        slot = [line, durable is None]
+        slot = [None, False]
         self._replies.append(slot)
-        if durable is None:
-            return
 
         def done(result):
             if isinstance(result, Failure):
-                if result.check(StoreUnavailable):
+                if result.check(frames.ProtocolError):
                     result.value.request_id = request_id
-                    slot[0] = self._refused(result.value)
+                    result = self._refused(result.value)
                 else:
-                    self.log.failure("store failed", result)
-                    slot[0] = _internal_error(request_id)
-            slot[1] = True
+                    self.log.failure("failed to answer {peer}", result, peer=self.peer)
+                    result = _internal_error(request_id)
+            slot[:] = [result, True]
             while self._replies and self._replies[0][1]:
                 self.transport.write(self._replies.popleft()[0])
 
-        durable.addBoth(done)
+        reply.addBoth(done)
+
+    def _throttle(self):
+        """
+        The store is falling behind: read nothing more from this client
+        until it has caught up with everything so far.
+        """
+        caught_up = self.broker.store.flushed()
+        if self._throttled or caught_up is None:
+            return
+        self._throttled = True
+        self.transport.pauseProducing()
+
+        def resume(_):
+            self._throttled = False
+            if self.connected:
+                self.transport.resumeProducing()
+
+        caught_up.addBoth(resume)
 
     def lineLengthExceeded(self, line):
         self.log.info(
@@ -140,10 +225,19 @@ class BrokerProtocol(LineReceiver):
         )
         self.transport.loseConnection()
 
-    # Each handler returns the reply's event and payload.
+    # Each handler returns the reply's event and payload (or a Deferred of
+    # the payload).
 
     def _subscribe(self, c):
-        return "ok", self.broker.subscribe(self, c.client_id, c.event, c.filter)
+        return "ok", self.broker.subscribe(
+            self,
+            c.client_id,
+            c.event,
+            c.filter,
+            prefetch=c.prefetch,
+            ack_timeout=c.ack_timeout,
+            max_length=c.max_length,
+        )
 
     def _unsubscribe(self, c):
         return "ok", self.broker.unsubscribe(self, c.client_id, c.event, c.delete)
@@ -154,32 +248,45 @@ class BrokerProtocol(LineReceiver):
     def _received(self, c):
         return "ok", self.broker.received(c.client_id, c.event, c.message_id)
 
+    def _nack(self, c):
+        return "ok", self.broker.nack(self, c.client_id, c.event, c.message_id, c.delay)
+
+    def _requeue(self, c):
+        return "ok", self.broker.requeue(c.client_id, c.event, c.message_id)
+
     def _ping(self, c):
         return "pong", c.payload
 
     def _publish(self, c):
-        return "ok", self.broker.publish(c.event, c.payload, c.body, c.to, c.message_id)
+        return "ok", self.broker.publish(
+            c.event, c.payload, c.body, c.to, c.message_id, c.ttl
+        )
 
     def deliver(self, entry):
         queue = entry.queue
         message = entry.message
-        self.transport.write(
-            b"".join(
-                (
-                    b'{"event":',
-                    queue.event_json,
-                    b',"clientId":',
-                    queue.client_json,
-                    b',"messageId":',
-                    message.id_json,
-                    b',"payload":',
-                    message.payload,
-                    _TRUE_REDELIVERED if entry.deliveries > 1 else _FALSE_REDELIVERED,
-                    str(entry.deliveries).encode("ascii"),
-                    b"}\n",
-                )
-            )
-        )
+        parts = [
+            b'{"event":',
+            queue.event_json,
+            b',"clientId":',
+            queue.client_json,
+            b',"messageId":',
+            message.id_json,
+            b',"payload":',
+            message.payload,
+            _TRUE_REDELIVERED if entry.deliveries > 1 else _FALSE_REDELIVERED,
+            str(entry.deliveries).encode("ascii"),
+        ]
+        if entry.dead is not None:
+            reason, died = entry.dead
+            parts.append(b',"deadLetter":')
+            parts.append(frames.encode_json({"reason": reason, "time": _iso(died)}))
+        parts.append(b"}\n")
+        self.transport.write(b"".join(parts))
+
+
+def _iso(seconds):
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat()
 
 
 def _internal_error(request_id):
@@ -189,11 +296,15 @@ def _internal_error(request_id):
 class BrokerFactory(Factory):
     """
     Builds a L{BrokerProtocol} for each connection to one broker.
+
+    @ivar idle_timeout: seconds without a byte from a client before its
+        connection is closed; L{None} or 0 for never.
     """
 
     protocol = BrokerProtocol
     noisy = False
 
-    def __init__(self, broker, max_line=DEFAULT_MAX_LINE):
+    def __init__(self, broker, max_line=DEFAULT_MAX_LINE, idle_timeout=IDLE_TIMEOUT):
         self.broker = broker
         self.max_line = max_line
+        self.idle_timeout = idle_timeout

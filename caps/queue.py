@@ -8,7 +8,7 @@ from collections import deque
 
 import attrs
 
-from caps.frames import encode_json
+from caps.frames import DEAD_SUFFIX, encode_json
 
 
 @attrs.frozen
@@ -19,6 +19,8 @@ class Message:
     @ivar seq: the broker's publish counter: orders messages in every queue.
     @ivar payload: compact JSON bytes, encoded once at publish.
     @ivar time: when the broker accepted it, in seconds since the epoch.
+    @ivar expires: when it goes to the dead letters unless delivered and
+        acknowledged before, or L{None}.
     """
 
     id: str
@@ -26,6 +28,7 @@ class Message:
     payload: bytes
     seq: int
     time: float
+    expires: float | None = None
     id_json: bytes = attrs.field(
         init=False,
         eq=False,
@@ -38,17 +41,26 @@ class Entry:
     """
     A message's place in one queue.
 
-    @ivar owner: the connection it is in flight to, or L{None} when ready.
+    @ivar owner: the session it is in flight to, or L{None}.
+    @ivar consumer: the subscription it was sent through, or L{None} (sent
+        by C{getAll}, or not in flight).
     @ivar deliveries: how many times it has been sent to a consumer.
-    @ivar removed: it was acknowledged or its queue deleted; a removed entry
-        still sitting in a ready structure is skipped when it comes up.
+    @ivar removed: it was acknowledged, moved or its queue deleted; a
+        removed entry still sitting in a ready structure is skipped when it
+        comes up.
+    @ivar delayed: given back with a delay (C{nack}); ready again when the
+        delay is over.
+    @ivar dead: for a dead letter, why and when it died: C{(reason, time)}.
     """
 
     message: Message
     queue: "Queue"
     owner: object = None
+    consumer: object = None
     deliveries: int = 0
     removed: bool = False
+    delayed: bool = False
+    dead: tuple | None = None
 
 
 @attrs.define(eq=False)
@@ -57,17 +69,20 @@ class Queue:
     The messages of (clientId, event), oldest first.
 
     Fresh messages wait in a deque in publish order.  A message given back
-    (its consumer went away) goes to a heap ordered by publish sequence, so
-    it is sent again before anything newer: since messages leave the deque
-    only from the front, every returned message is older than every fresh
-    one, and the next message to send is the heap's smallest if there is
-    one, else the deque's first.  Acknowledging a ready message marks it
-    removed instead of searching for it.
+    (its consumer went away) or moved here from another queue goes to a
+    heap ordered by publish sequence, so it is sent again before anything
+    newer; the next message to send is the older of the heap's smallest and
+    the deque's first.  Acknowledging a ready message marks it removed
+    instead of searching for it.
 
     @ivar qid: the queue's number in the store.
     @ivar filter: the subscription filter routing unaddressed messages here,
         or L{None}; only meaningful while C{subscribed}.
-    @ivar consumers: connections consuming this queue, in round-robin order.
+    @ivar max_length: the most messages it may hold, or L{None} for the
+        broker's limit.
+    @ivar consumers: the L{caps.sessions.Consumer}s of this queue.
+    @ivar with_room: consumers that can take another message, in
+        round-robin order (some may have filled up since; they are skipped).
     """
 
     client_id: str
@@ -75,7 +90,11 @@ class Queue:
     qid: int = 0
     filter: dict | None = None
     subscribed: bool = False
-    consumers: deque = attrs.Factory(deque)
+    max_length: int | None = None
+    consumers: dict = attrs.Factory(dict)
+    with_room: deque = attrs.Factory(deque)
+    # How many of its messages can expire
+    expiring: int = 0
     _entries: dict = attrs.Factory(dict)
     _fresh: deque = attrs.Factory(deque)
     _returned: list = attrs.Factory(list)
@@ -90,6 +109,14 @@ class Queue:
     @property
     def key(self):
         return (self.client_id, self.event)
+
+    @property
+    def holds_dead_letters(self):
+        """
+        Whether this is a dead-letter queue (its event ends in C{.dead}):
+        its messages never die again.
+        """
+        return self.event.endswith(DEAD_SUFFIX)
 
     def __len__(self):
         """
@@ -108,6 +135,8 @@ class Queue:
         entry = Entry(message, self, deliveries=deliveries)
         self._entries[message.id] = entry
         self._fresh.append(entry)
+        if message.expires is not None:
+            self.expiring += 1
         return entry
 
     def recover(self):
@@ -115,8 +144,10 @@ class Queue:
         After a restart: no consumers, and every message ready again.
         """
         self.consumers.clear()
+        self.with_room.clear()
         for entry in self._entries.values():
-            if entry.owner is not None:
+            if entry.owner is not None or entry.delayed:
+                entry.consumer = None
                 self.give_back(entry)
 
     def entries(self):
@@ -125,29 +156,71 @@ class Queue:
         """
         return self._entries.values()
 
+    def insert(self, message, deliveries=0):
+        """
+        Add a message at its place by publish order, among the others (a
+        message moved here from another queue).
+        """
+        entry = Entry(message, self, deliveries=deliveries)
+        self._entries[message.id] = entry
+        heapq.heappush(self._returned, (message.seq, entry))
+        if message.expires is not None:
+            self.expiring += 1
+        return entry
+
+    def _head(self):
+        """
+        Where the oldest ready message is: C{"returned"}, C{"fresh"} or
+        L{None}, dropping removed entries from the fronts on the way.
+        """
+        returned = self._returned
+        fresh = self._fresh
+        while returned and returned[0][1].removed:
+            heapq.heappop(returned)
+        while fresh and fresh[0].removed:
+            fresh.popleft()
+        if returned and (not fresh or returned[0][0] < fresh[0].message.seq):
+            return "returned"
+        if fresh:
+            return "fresh"
+        return None
+
+    def peek_ready(self):
+        """
+        The oldest ready message's entry, left in place; or L{None}.
+        """
+        head = self._head()
+        if head == "returned":
+            return self._returned[0][1]
+        if head == "fresh":
+            return self._fresh[0]
+        return None
+
     def pop_ready(self):
         """
         Take the oldest ready message, or return L{None} if there is none.
 
         The caller marks it in flight by setting its C{owner}.
         """
-        returned = self._returned
-        while returned:
-            entry = heapq.heappop(returned)[1]
-            if not entry.removed:
-                return entry
-        fresh = self._fresh
-        while fresh:
-            entry = fresh.popleft()
-            if not entry.removed:
-                return entry
+        head = self._head()
+        if head == "returned":
+            return heapq.heappop(self._returned)[1]
+        if head == "fresh":
+            return self._fresh.popleft()
         return None
+
+    def get(self, message_id):
+        """
+        The entry of a message in this queue, or L{None}.
+        """
+        return self._entries.get(message_id)
 
     def give_back(self, entry):
         """
-        Put an in-flight message back at its original place.
+        Put an in-flight or delayed message back at its original place.
         """
         entry.owner = None
+        entry.delayed = False
         heapq.heappush(self._returned, (entry.message.seq, entry))
 
     def remove(self, message_id):
@@ -160,6 +233,8 @@ class Queue:
         entry = self._entries.pop(message_id, None)
         if entry is not None:
             entry.removed = True
+            if entry.message.expires is not None:
+                self.expiring -= 1
         return entry
 
     def clear(self):
@@ -172,4 +247,5 @@ class Queue:
         self._entries.clear()
         self._fresh.clear()
         self._returned.clear()
+        self.expiring = 0
         return entries

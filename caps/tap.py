@@ -5,12 +5,12 @@ The C{twistd caps-broker} command: options and the service they build.
 from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.python import usage
+from twisted.python.failure import Failure
 
-from caps.broker import Broker
-from caps.options import positive_int
-from caps.protocol import DEFAULT_MAX_LINE, BrokerFactory
+from caps.broker import ACK_TIMEOUT, MAX_DELIVERIES, MAX_QUEUE, PREFETCH, Broker
+from caps.options import positive_int, seconds
+from caps.protocol import DEFAULT_MAX_LINE, IDLE_TIMEOUT, BrokerFactory
 from caps.store import open_store
 from caps.store.sqlite import SYNC_MODES
 
@@ -46,6 +46,54 @@ class Options(usage.Options):
             "With sqlite: full syncs every commit to disk, so nothing confirmed "
             "is lost even on power loss; normal survives a crash of the broker "
             "but not of the machine.",
+        ],
+        [
+            "ack-timeout",
+            None,
+            ACK_TIMEOUT,
+            "Seconds a delivered message may stay unacknowledged before it goes "
+            "back to its queue (subscribe's ackTimeout overrides); 0 for never.",
+            seconds,
+        ],
+        [
+            "prefetch",
+            None,
+            PREFETCH,
+            "Most unacknowledged messages in flight to one consumer (subscribe's "
+            "prefetch overrides).",
+            positive_int,
+        ],
+        [
+            "max-deliveries",
+            None,
+            MAX_DELIVERIES,
+            "Deliveries after which a message that comes back goes to its "
+            "queue's dead letters (<event>.dead).",
+            positive_int,
+        ],
+        [
+            "max-queue",
+            None,
+            MAX_QUEUE,
+            "Most messages one queue may hold; past it publishes are refused "
+            "with queue-full.",
+            positive_int,
+        ],
+        [
+            "default-ttl",
+            None,
+            None,
+            "Seconds a message may wait in a queue before it goes to the dead "
+            "letters, when its publish gives no ttl (default: for ever)",
+            seconds,
+        ],
+        [
+            "idle-timeout",
+            None,
+            IDLE_TIMEOUT,
+            "Seconds without a byte from a client (not even a ping) before its "
+            "connection is closed; 0 for never.",
+            seconds,
         ],
     ]
 
@@ -147,15 +195,17 @@ def _address(address):
 
 class StoreService(service.Service):
     """
-    Closes the store when the broker stops, after the listeners: what is
-    pending is written first.
+    Stops the broker's timers and closes the store when the broker stops,
+    after the listeners: what is pending is written first.
     """
 
-    def __init__(self, store):
+    def __init__(self, store, broker):
         self.store = store
+        self.broker = broker
 
     def stopService(self):
         super().stopService()
+        self.broker.stop()
         return self.store.close()
 
 
@@ -168,9 +218,19 @@ def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     store = open_store(options["store"], reactor, sync=options["sync"])
-    broker = Broker(clock=reactor, store=store)
-    factory = BrokerFactory(broker, max_line=options["max-line"])
+    broker = Broker(
+        clock=reactor,
+        store=store,
+        ack_timeout=options["ack-timeout"],
+        prefetch=options["prefetch"],
+        max_deliveries=options["max-deliveries"],
+        max_queue=options["max-queue"],
+        default_ttl=options["default-ttl"] or None,
+    )
+    factory = BrokerFactory(
+        broker, max_line=options["max-line"], idle_timeout=options["idle-timeout"]
+    )
     top = service.MultiService()
-    StoreService(store).setServiceParent(top)
+    StoreService(store, broker).setServiceParent(top)
     ListenService(reactor, options["listen"], factory).setServiceParent(top)
     return top

@@ -21,7 +21,7 @@ class BenchTests(SynchronousTestCase):
         result = subprocess.run(
             [sys.executable, "-m", "caps.bench", "--json", out, *args],
             capture_output=True,
-            timeout=300,
+            timeout=120,
         )
         self.assertEqual(result.returncode, 0, result.stderr.decode())
         with open(out) as f:

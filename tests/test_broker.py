@@ -199,30 +199,45 @@ class BrokerTests(SynchronousTestCase):
         ]
         poller = self.connect()
         self.assertEqual(
-            self.broker.get_all(poller, "acme", "delivered"),
+            self.successResultOf(self.broker.get_all(poller, "acme", "delivered")),
             {"clientId": "acme", "event": "delivered", "count": 3},
         )
         self.assertEqual(poller.ids(), ids)
         # They are now in flight to the poller: a second getAll sends nothing.
         other = self.connect()
-        self.assertEqual(self.broker.get_all(other, "acme", "delivered")["count"], 0)
+        self.assertEqual(
+            self.successResultOf(self.broker.get_all(other, "acme", "delivered"))[
+                "count"
+            ],
+            0,
+        )
         # Until the poller goes away without acknowledging.
         self.broker.received("acme", "delivered", ids[0])
         self.broker.disconnect(poller)
-        self.assertEqual(self.broker.get_all(other, "acme", "delivered")["count"], 2)
+        self.assertEqual(
+            self.successResultOf(self.broker.get_all(other, "acme", "delivered"))[
+                "count"
+            ],
+            2,
+        )
         self.assertEqual(other.ids(), ids[1:])
 
     def test_get_all_unknown_queue(self):
         """getAll on a queue that does not exist counts 0 and does not create it."""
         conn = self.connect()
-        self.assertEqual(self.broker.get_all(conn, "ghost", "delivered")["count"], 0)
+        self.assertEqual(
+            self.successResultOf(self.broker.get_all(conn, "ghost", "delivered"))[
+                "count"
+            ],
+            0,
+        )
         self.assertIsNone(self.broker.queue("ghost", "delivered"))
 
     def test_get_all_does_not_subscribe(self):
         """A polling client gets later messages only by asking again."""
         poller = self.connect()
         self.publish("delivered", {}, to=["acme"])
-        self.broker.get_all(poller, "acme", "delivered")
+        self.successResultOf(self.broker.get_all(poller, "acme", "delivered"))
         self.publish("delivered", {}, to=["acme"])
         self.assertEqual(len(poller.deliveries), 1)
 

@@ -30,7 +30,7 @@ class ClientTests(SynchronousTestCase):
     def test_publish_refused(self):
         """A publish the broker refuses fails with its error code and is not retried."""
         client = self.net.client()
-        d = client.publish("nack", {})
+        d = client.publish("pong", {})
         self.net.flush()
         self.assertEqual(
             self.failureResultOf(d, CapsError).value.code, "reserved-event"

@@ -225,8 +225,6 @@ class ParseTests(SynchronousTestCase):
             "ok",
             "error",
             "pong",
-            "nack",
-            "requeue",
             "login",
             "logout",
             "hello",

@@ -6,12 +6,14 @@ StringTransport.
 import json
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from caps.broker import Broker
 from caps.protocol import BrokerFactory
+from caps.store.memory import MemoryStore
 
 
 def frame(event, payload=None, **fields):
@@ -238,7 +240,7 @@ class ProtocolTests(SynchronousTestCase):
         self.assertError(
             client, frame("delivered", [1], id=6), "bad-frame", 6, "payload"
         )
-        self.assertError(client, frame("nack", {}, id=7), "reserved-event", 7)
+        self.assertError(client, frame("login", {}, id=7), "reserved-event", 7)
         self.assertError(client, frame("bad name", {}, id=8), "bad-name", 8)
         client.send(frame("ping", id=9))
         self.assertEqual(client.frames(), [{"event": "pong", "payload": {}, "id": 9}])
@@ -354,3 +356,167 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         client.send(frame("ping", id=2))
         self.assertEqual(client.frames()[0]["event"], "pong")
+
+
+class ProtocolDeliveryControlTests(SynchronousTestCase):
+    """
+    The delivery-control frames and behaviour as seen on the wire.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.broker = Broker(self.clock, max_deliveries=2, ack_timeout=1000)
+        self.addCleanup(self.broker.stop)
+        self.factory = BrokerFactory(self.broker, idle_timeout=60)
+        self.ports = iter(range(40000, 50000))
+
+    def connect(self):
+        client = Client(self.factory, next(self.ports))
+        self.addCleanup(lambda: client.transport.disconnecting or client.close())
+        return client
+
+    def test_option_validation(self):
+        """Bad prefetch, ackTimeout, maxLength, delay and ttl values are bad-frame, naming the field."""
+        client = self.connect()
+        queue = {"clientId": "driver", "event": "pickup"}
+        cases = [
+            (frame("subscribe", dict(queue, prefetch=0), id=1), "payload.prefetch"),
+            (frame("subscribe", dict(queue, prefetch=1.5), id=2), "payload.prefetch"),
+            (frame("subscribe", dict(queue, prefetch=True), id=3), "payload.prefetch"),
+            (
+                frame("subscribe", dict(queue, ackTimeout=-1), id=4),
+                "payload.ackTimeout",
+            ),
+            (
+                frame("subscribe", dict(queue, ackTimeout=1e300), id=5),
+                "payload.ackTimeout",
+            ),
+            (frame("subscribe", dict(queue, maxLength="9"), id=6), "payload.maxLength"),
+            (
+                frame("nack", dict(queue, messageId="m", delay=-2), id=7),
+                "payload.delay",
+            ),
+            (frame("pickup", {}, ttl=0, id=8), "ttl"),
+        ]
+        for data, field in cases:
+            client.send(data)
+            [reply] = client.frames()
+            self.assertIn(reply["payload"]["code"], ("bad-frame", "bad-name"), reply)
+            self.assertIn(field, reply["payload"]["message"])
+
+    def test_nack_requeue_and_dead_letter_frames(self):
+        """nack and requeue answer ok; a dead letter arrives saying why and when it died."""
+        consumer, admin = self.connect(), self.connect()
+        consumer.send(
+            frame("subscribe", {"clientId": "driver", "event": "pickup", "prefetch": 1})
+        )
+        admin.send(frame("pickup", {"n": 1}, to="driver", messageId="p1"))
+        self.assertEqual(consumer.frames()[0]["deliveries"], 1)
+        nack = {"clientId": "driver", "event": "pickup", "messageId": "p1"}
+        consumer.send(frame("nack", nack, id="n1"))
+        again, ok = consumer.frames()
+        self.assertEqual((again["messageId"], again["deliveries"]), ("p1", 2))
+        self.assertEqual(ok["payload"], dict(nack, nacked=True))
+        consumer.send(frame("nack", nack))
+        self.assertEqual(consumer.frames(), [])
+        admin.send(frame("subscribe", {"clientId": "driver", "event": "pickup.dead"}))
+        [dead] = admin.frames()
+        self.assertEqual((dead["event"], dead["messageId"]), ("pickup.dead", "p1"))
+        self.assertEqual(
+            dead["deadLetter"],
+            {"reason": "max-deliveries", "time": "2023-11-14T22:13:20+00:00"},
+        )
+        admin.send(frame("unsubscribe", {"clientId": "driver", "event": "pickup.dead"}))
+        admin.send(frame("requeue", {"clientId": "driver", "event": "pickup"}, id="r"))
+        self.assertEqual(
+            admin.frames()[-1]["payload"],
+            {"clientId": "driver", "event": "pickup", "requeued": 1},
+        )
+        [back] = consumer.frames()
+        self.assertEqual((back["messageId"], back["deliveries"]), ("p1", 1))
+        self.assertNotIn("deadLetter", back)
+
+    def test_queue_full(self):
+        """A publish into a full queue gets queue-full with its id; nothing is stored."""
+        self.broker.max_queue = 1
+        client = self.connect()
+        client.send(
+            frame("pickup", {}, to="driver", id=1)
+            + frame("pickup", {}, to="driver", id=2)
+        )
+        ok, full = client.frames()
+        self.assertEqual(ok["event"], "ok")
+        self.assertEqual((full["id"], full["payload"]["code"]), (2, "queue-full"))
+        self.assertIn("(driver, pickup)", full["payload"]["message"])
+
+    def test_idle_timeout(self):
+        """A client that sends nothing for the idle timeout is told and cut off; its messages go back."""
+        quiet, busy = self.connect(), self.connect()
+        quiet.send(frame("subscribe", {"clientId": "driver", "event": "pickup"}))
+        busy.send(frame("pickup", {}, to="driver", messageId="p1"))
+        self.assertEqual(len(quiet.frames()), 1)
+        for _ in range(3):
+            self.clock.advance(30)
+            busy.send(frame("ping"))
+        [error] = quiet.frames()
+        self.assertEqual(error["payload"]["code"], "idle-timeout")
+        self.assertTrue(quiet.transport.disconnected)
+        self.assertFalse(busy.transport.disconnecting)
+        quiet.close()
+        busy.send(frame("subscribe", {"clientId": "driver", "event": "pickup"}))
+        self.assertEqual(busy.frames()[-1]["messageId"], "p1")
+
+    def test_send_buffer_full_pauses_deliveries(self):
+        """When a connection's send buffer fills, deliveries to it pause until it drains."""
+        slow, fast, publisher = self.connect(), self.connect(), self.connect()
+        for c in (slow, fast):
+            c.send(frame("subscribe", {"clientId": "driver", "event": "pickup"}))
+        slow.transport.producer.pauseProducing()
+        for n in range(4):
+            publisher.send(frame("pickup", {"n": n}, to="driver"))
+        self.assertEqual((len(slow.frames()), len(fast.frames())), (0, 4))
+        slow.transport.producer.resumeProducing()
+        publisher.send(
+            frame("pickup", {"n": 4}, to="driver")
+            + frame("pickup", {"n": 5}, to="driver")
+        )
+        self.assertEqual(len(slow.frames()), 1)
+
+    def test_store_backlog_throttles_publishers(self):
+        """While the store is far behind, the broker stops reading from a publisher until it catches up."""
+        store = _SlowStore()
+        self.broker = Broker(self.clock, store=store)
+        self.factory = BrokerFactory(self.broker)
+        client = self.connect()
+        client.send(frame("pickup", {}, to="driver", id=1))
+        self.assertEqual(client.transport.producerState, "producing")
+        store.backlog = 10**6
+        client.send(frame("pickup", {}, to="driver", id=2))
+        self.assertEqual(client.transport.producerState, "paused")
+        store.backlog = 0
+        store.catch_up()
+        self.assertEqual(client.transport.producerState, "producing")
+        self.assertEqual([f["id"] for f in client.frames()], [1, 2])
+
+
+class _SlowStore(MemoryStore):
+    """
+    A memory store that says it is behind until told to catch up.
+    """
+
+    backlog = 0
+
+    def __init__(self):
+        super().__init__()
+        self._waiting = []
+
+    def flushed(self):
+        d = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def catch_up(self):
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)

@@ -268,11 +268,11 @@ class OpenTests(_Files, SynchronousTestCase):
         return message
 
     def test_creates_schema(self):
-        """A new file gets CAPS's application id, schema version 1, WAL and incremental vacuum."""
+        """A new file gets CAPS's application id, the current schema version, WAL and incremental vacuum."""
         self.open()
         db = sqlite3.connect(self.path)
         self.assertEqual(db.execute("PRAGMA application_id").fetchone()[0], 0x43415053)
-        self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 1)
+        self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 2)
         self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
         self.assertEqual(db.execute("PRAGMA auto_vacuum").fetchone()[0], 2)
 
@@ -296,7 +296,7 @@ class OpenTests(_Files, SynchronousTestCase):
         db = sqlite3.connect(self.path)
         db.execute("PRAGMA user_version = 7")
         db.close()
-        self.assertRefused(self.path, "newer CAPS", "schema 7", "schema 1")
+        self.assertRefused(self.path, "newer CAPS", "schema 7", "schema 2")
 
     def test_not_a_database(self):
         """A file that is not SQLite is refused."""
@@ -318,6 +318,42 @@ class OpenTests(_Files, SynchronousTestCase):
         self.assertRefused(self.path, "in use by another broker", f"pid {os.getpid()}")
         self.successResultOf(first.close())
         self.open()
+
+
+SCHEMA_1 = """
+CREATE TABLE queues (qid INTEGER PRIMARY KEY, client_id TEXT NOT NULL,
+    event TEXT NOT NULL, subscribed INTEGER NOT NULL, filter TEXT,
+    UNIQUE (client_id, event));
+CREATE TABLE messages (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE,
+    event TEXT NOT NULL, payload BLOB NOT NULL, time REAL NOT NULL);
+CREATE TABLE entries (qid INTEGER NOT NULL, seq INTEGER NOT NULL,
+    deliveries INTEGER NOT NULL, PRIMARY KEY (qid, seq)) WITHOUT ROWID;
+CREATE TABLE dedupe (id TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX dedupe_expires ON dedupe (expires);
+INSERT INTO queues VALUES (1, 'acme', 'delivered', 1, '{"store":"acme"}');
+INSERT INTO messages VALUES (1, 'd1', 'delivered', CAST('{"n":1}' AS BLOB), 1700000000.0);
+INSERT INTO entries VALUES (1, 1, 2);
+PRAGMA application_id = 1128353875;
+PRAGMA user_version = 1;
+"""
+
+
+class MigrationTests(_Files, SynchronousTestCase):
+    def test_schema_1(self):
+        """A store written by CAPS 0.2 (schema 1) is brought up to date and keeps everything."""
+        db = sqlite3.connect(self.path)
+        db.executescript(SCHEMA_1)
+        db.close()
+        broker = Broker(self.clock, store=self.open())
+        self.addCleanup(broker.stop)
+        queue = broker.queue("acme", "delivered")
+        self.assertEqual((queue.filter, queue.max_length), ({"store": "acme"}, None))
+        [entry] = queue.entries()
+        self.assertEqual(
+            (entry.message.id, entry.deliveries, entry.dead), ("d1", 2, None)
+        )
+        db = sqlite3.connect(self.path)
+        self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 2)
 
 
 class SizeTests(_Files, SynchronousTestCase):
@@ -388,7 +424,9 @@ class BacklogTests(_Files, SynchronousTestCase):
         broker = Broker(self.clock, store=self.open())
         sink = _Counting()
         broker.connect(sink)
-        self.assertEqual(broker.get_all(sink, "q", "e")["count"], 100_000)
+        self.assertEqual(
+            self.successResultOf(broker.get_all(sink, "q", "e"))["count"], 100_000
+        )
         self.assertEqual(sink.ns, list(range(100_000)))
 
 

@@ -39,7 +39,9 @@ class _StoreContract:
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.store = self.open_store()
+        self.options = {}
         self.broker = Broker(self.clock, store=self.store)
+        self.addCleanup(lambda: self.broker.stop())
 
     def settle(self):
         """
@@ -54,8 +56,9 @@ class _StoreContract:
         acknowledged) and starts again on what its store kept.
         """
         self.settle()
+        self.broker.stop()
         self.store = self.reopen_store(self.store)
-        self.broker = Broker(self.clock, store=self.store)
+        self.broker = Broker(self.clock, store=self.store, **self.options)
 
     def connect(self, name="conn"):
         conn = RecordingConnection(name)
@@ -75,7 +78,12 @@ class _StoreContract:
         """A new store holds nothing, and has nothing to wait for."""
         self.settle()
         self.restart()
-        self.assertEqual(self.broker.get_all(self.connect(), "a", "b")["count"], 0)
+        self.assertEqual(
+            self.successResultOf(self.broker.get_all(self.connect(), "a", "b"))[
+                "count"
+            ],
+            0,
+        )
 
     def test_messages_survive_in_order(self):
         """Queued messages come back after a restart, oldest first, with their payloads."""
@@ -113,7 +121,12 @@ class _StoreContract:
         self.broker.received("acme", "delivered", first)
         self.restart()
         conn = self.connect()
-        self.assertEqual(self.broker.get_all(conn, "acme", "delivered")["count"], 1)
+        self.assertEqual(
+            self.successResultOf(self.broker.get_all(conn, "acme", "delivered"))[
+                "count"
+            ],
+            1,
+        )
         self.assertEqual(conn.ids(), [second])
 
     def test_subscription_and_filter_survive(self):
@@ -167,12 +180,25 @@ class _StoreContract:
         self.broker.received("acme", "delivered", mid)
         self.restart()
         logger, acme = self.connect("logger"), self.connect("acme")
-        self.assertEqual(self.broker.get_all(logger, "logger", "delivered")["count"], 1)
-        self.assertEqual(self.broker.get_all(acme, "acme", "delivered")["count"], 0)
+        self.assertEqual(
+            self.successResultOf(self.broker.get_all(logger, "logger", "delivered"))[
+                "count"
+            ],
+            1,
+        )
+        self.assertEqual(
+            self.successResultOf(self.broker.get_all(acme, "acme", "delivered"))[
+                "count"
+            ],
+            0,
+        )
         self.broker.received("logger", "delivered", mid)
         self.restart()
         self.assertEqual(
-            self.broker.get_all(self.connect(), "logger", "delivered")["count"], 0
+            self.successResultOf(
+                self.broker.get_all(self.connect(), "logger", "delivered")
+            )["count"],
+            0,
         )
 
     def test_dedupe_survives(self):
@@ -200,9 +226,50 @@ class _StoreContract:
         new = [self.publish("delivered", {"n": n}, to=["acme"]) for n in range(3, 5)]
         self.assertEqual(len(set(old + new)), 5)
         conn = self.connect()
-        self.broker.get_all(conn, "acme", "delivered")
+        self.successResultOf(self.broker.get_all(conn, "acme", "delivered"))
         self.assertEqual(conn.ids(), old + new)
         self.assertEqual([d["payload"]["n"] for d in conn.deliveries], list(range(5)))
+
+    def test_dead_letters_survive(self):
+        """Dead letters keep why and when they died, and their delivery count."""
+        self.options = {"max_deliveries": 1}
+        self.restart()
+        conn = self.connect()
+        self.broker.subscribe(conn, "driver", "pickup")
+        mid = self.publish("pickup", {"n": 1}, to=["driver"])
+        died = self.clock.seconds()
+        self.broker.nack(conn, "driver", "pickup", mid)
+        self.restart()
+        [entry] = self.broker.queue("driver", "pickup.dead").entries()
+        self.assertEqual((entry.message.id, entry.deliveries), (mid, 1))
+        self.assertEqual(entry.dead, ("max-deliveries", died))
+        self.assertEqual(len(self.broker.queue("driver", "pickup")), 0)
+
+    def test_requeued_survive(self):
+        """A requeued message is back in its queue after a restart, its count reset."""
+        self.options = {"max_deliveries": 1}
+        self.restart()
+        conn = self.connect()
+        self.broker.subscribe(conn, "driver", "pickup")
+        mid = self.publish("pickup", {}, to=["driver"])
+        self.broker.nack(conn, "driver", "pickup", mid)
+        self.broker.unsubscribe(conn, "driver", "pickup")
+        self.broker.requeue("driver", "pickup")
+        self.restart()
+        [entry] = self.broker.queue("driver", "pickup").entries()
+        self.assertEqual(
+            (entry.message.id, entry.deliveries, entry.dead), (mid, 0, None)
+        )
+        self.assertEqual(len(self.broker.queue("driver", "pickup.dead")), 0)
+
+    def test_limits_and_expiry_survive(self):
+        """A queue's maxLength and a message's expiry are kept."""
+        self.broker.subscribe(self.connect(), "acme", "delivered", max_length=5)
+        self.broker.publish("x", {}, b"{}", ("q",), None, 100)
+        self.restart()
+        self.assertEqual(self.broker.queue("acme", "delivered").max_length, 5)
+        self.clock.advance(101)
+        self.assertEqual(len(self.broker.queue("q", "x.dead")), 1)
 
     def test_restart_twice(self):
         """A second crash keeps what the first left, with counts going on."""

@@ -5,8 +5,8 @@ loopback TCP with plain sockets.  Every process is stopped by its PID.
 
 import os
 import signal
-import subprocess
 import sqlite3
+import subprocess
 import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase

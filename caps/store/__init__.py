@@ -17,7 +17,6 @@ from zope.interface import Attribute, Interface
 
 from caps.frames import ProtocolError
 
-
 UNAVAILABLE = "the broker cannot write to its store now; try again later"
 
 
@@ -63,6 +62,7 @@ class IStore(Interface):
     """
 
     available = Attribute("False while the store is failing to write.")
+    backlog = Attribute("How many changes are waiting to be made durable.")
 
     def load():
         """
@@ -72,7 +72,8 @@ class IStore(Interface):
 
     def queue_saved(queue):
         """
-        A queue was created, or its subscription (flag, filter) changed.
+        A queue was created, or its subscription (flag, filter) or length
+        limit changed.
         """
 
     def queue_dropped(queue):
@@ -87,7 +88,13 @@ class IStore(Interface):
 
     def entry_removed(queue, message):
         """
-        A message was acknowledged in one queue.
+        A message left one queue (acknowledged, or moved to another).
+        """
+
+    def entry_added(queue, entry):
+        """
+        A message already stored was put in another queue (dead letters,
+        requeue), with C{entry.deliveries} and C{entry.dead}.
         """
 
     def message_dropped(message):

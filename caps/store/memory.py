@@ -17,6 +17,7 @@ class MemoryStore:
     """
 
     available = True
+    backlog = 0
 
     def __init__(self):
         self._state = State()
@@ -34,6 +35,9 @@ class MemoryStore:
         pass
 
     def entry_removed(self, queue, message):
+        pass
+
+    def entry_added(self, queue, entry):
         pass
 
     def message_dropped(self, message):

@@ -27,7 +27,7 @@ from caps.store import UNAVAILABLE, IStore, State, StoreError, StoreUnavailable
 
 # "CAPS" in PRAGMA application_id; the schema's version in user_version.
 APPLICATION_ID = 0x43415053
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SYNC_MODES = {"full": "FULL", "normal": "NORMAL"}
 # Seconds between attempts to write after a failed write.
 RETRY_DELAY = 1.0
@@ -43,6 +43,7 @@ CREATE TABLE queues (
     event TEXT NOT NULL,
     subscribed INTEGER NOT NULL,
     filter TEXT,
+    max_length INTEGER,
     UNIQUE (client_id, event)
 );
 CREATE TABLE messages (
@@ -50,12 +51,15 @@ CREATE TABLE messages (
     id TEXT NOT NULL UNIQUE,
     event TEXT NOT NULL,
     payload BLOB NOT NULL,
-    time REAL NOT NULL
+    time REAL NOT NULL,
+    expires REAL
 );
 CREATE TABLE entries (
     qid INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     deliveries INTEGER NOT NULL,
+    dead_reason TEXT,
+    dead_time REAL,
     PRIMARY KEY (qid, seq)
 ) WITHOUT ROWID;
 CREATE TABLE dedupe (
@@ -65,17 +69,33 @@ CREATE TABLE dedupe (
 CREATE INDEX dedupe_expires ON dedupe (expires);
 """
 
+# From each schema version to the next, for stores written by older CAPS.
+MIGRATIONS = {
+    1: """
+    ALTER TABLE queues ADD COLUMN max_length INTEGER;
+    ALTER TABLE messages ADD COLUMN expires REAL;
+    ALTER TABLE entries ADD COLUMN dead_reason TEXT;
+    ALTER TABLE entries ADD COLUMN dead_time REAL;
+    """,
+}
+
 SAVE_QUEUE = (
-    "INSERT INTO queues (qid, client_id, event, subscribed, filter)"
-    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (qid) DO UPDATE"
-    " SET subscribed = excluded.subscribed, filter = excluded.filter"
+    "INSERT INTO queues (qid, client_id, event, subscribed, filter, max_length)"
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (qid) DO UPDATE"
+    " SET subscribed = excluded.subscribed, filter = excluded.filter,"
+    " max_length = excluded.max_length"
 )
 DROP_ENTRIES = "DELETE FROM entries WHERE qid = ?"
 DROP_QUEUE = "DELETE FROM queues WHERE qid = ?"
 ADD_MESSAGE = (
-    "INSERT INTO messages (seq, id, event, payload, time) VALUES (?, ?, ?, ?, ?)"
+    "INSERT INTO messages (seq, id, event, payload, time, expires)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
 )
 ADD_ENTRY = "INSERT INTO entries (qid, seq, deliveries) VALUES (?, ?, 0)"
+MOVE_ENTRY = (
+    "INSERT OR REPLACE INTO entries (qid, seq, deliveries, dead_reason, dead_time)"
+    " VALUES (?, ?, ?, ?, ?)"
+)
 REMOVE_ENTRY = "DELETE FROM entries WHERE qid = ? AND seq = ?"
 DROP_MESSAGE = "DELETE FROM messages WHERE seq = ?"
 DELIVERED = "UPDATE entries SET deliveries = ? WHERE qid = ? AND seq = ?"
@@ -138,15 +158,23 @@ def _prepare(connection, path, sync):
             f"this broker reads schema {SCHEMA_VERSION}"
         )
     elif version < SCHEMA_VERSION:
-        raise StoreError(
-            f"caps-broker: {path} has schema {version}, which this broker "
-            f"cannot read (it reads schema {SCHEMA_VERSION})"
-        )
+        _migrate(connection, version)
     if connection.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
         raise StoreError(f"caps-broker: sqlite:{path} cannot use WAL mode")
     connection.execute(f"PRAGMA synchronous = {SYNC_MODES[sync]}")
     # Keep the write-ahead log from staying large after a burst.
     connection.execute("PRAGMA journal_size_limit = 16777216")
+
+
+def _migrate(connection, version):
+    """
+    Bring a store written by an older CAPS up to this schema, in one
+    transaction.
+    """
+    steps = "".join(MIGRATIONS[v] for v in range(version, SCHEMA_VERSION))
+    connection.executescript(
+        f"BEGIN; {steps} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+    )
 
 
 def _write(connection, ops, now):
@@ -234,8 +262,8 @@ class SQLiteStore:
         state = State()
         connection = self._connection
         queues = {}
-        for qid, client_id, event, subscribed, flt in connection.execute(
-            "SELECT qid, client_id, event, subscribed, filter FROM queues"
+        for qid, client_id, event, subscribed, flt, max_length in connection.execute(
+            "SELECT qid, client_id, event, subscribed, filter, max_length FROM queues"
         ):
             queue = Queue(
                 client_id,
@@ -243,21 +271,27 @@ class SQLiteStore:
                 qid,
                 filter=json.loads(flt) if flt else None,
                 subscribed=bool(subscribed),
+                max_length=max_length,
             )
             queues[qid] = state.queues[client_id, event] = queue
             state.next_qid = max(state.next_qid, qid + 1)
         messages = {}
-        for seq, message_id, event, payload, time in connection.execute(
-            "SELECT seq, id, event, payload, time FROM messages"
+        for seq, message_id, event, payload, time, expires in connection.execute(
+            "SELECT seq, id, event, payload, time, expires FROM messages"
         ):
-            messages[seq] = Message(message_id, event, bytes(payload), seq, time)
+            messages[seq] = Message(
+                message_id, event, bytes(payload), seq, time, expires
+            )
             state.seq = max(state.seq, seq)
         live = state.live
-        for qid, seq, deliveries in connection.execute(
-            "SELECT qid, seq, deliveries FROM entries ORDER BY qid, seq"
+        for qid, seq, deliveries, reason, died in connection.execute(
+            "SELECT qid, seq, deliveries, dead_reason, dead_time FROM entries"
+            " ORDER BY qid, seq"
         ):
             message = messages[seq]
-            queues[qid].append(message, deliveries)
+            entry = queues[qid].append(message, deliveries)
+            if reason is not None:
+                entry.dead = (reason, died)
             live[message.id] = live.get(message.id, 0) + 1
         for message_id, expires in connection.execute(
             "SELECT id, expires FROM dedupe WHERE expires > ? ORDER BY expires",
@@ -279,7 +313,14 @@ class SQLiteStore:
         flt = json.dumps(queue.filter, sort_keys=True) if queue.filter else None
         self._record(
             SAVE_QUEUE,
-            (queue.qid, queue.client_id, queue.event, int(queue.subscribed), flt),
+            (
+                queue.qid,
+                queue.client_id,
+                queue.event,
+                int(queue.subscribed),
+                flt,
+                queue.max_length,
+            ),
         )
 
     def queue_dropped(self, queue):
@@ -289,13 +330,27 @@ class SQLiteStore:
     def message_added(self, message, queues):
         self._record(
             ADD_MESSAGE,
-            (message.seq, message.id, message.event, message.payload, message.time),
+            (
+                message.seq,
+                message.id,
+                message.event,
+                message.payload,
+                message.time,
+                message.expires,
+            ),
         )
         for queue in queues:
             self._record(ADD_ENTRY, (queue.qid, message.seq))
 
     def entry_removed(self, queue, message):
         self._record(REMOVE_ENTRY, (queue.qid, message.seq))
+
+    def entry_added(self, queue, entry):
+        reason, died = entry.dead or (None, None)
+        self._record(
+            MOVE_ENTRY,
+            (queue.qid, entry.message.seq, entry.deliveries, reason, died),
+        )
 
     def message_dropped(self, message):
         self._record(DROP_MESSAGE, (message.seq,))
@@ -307,6 +362,11 @@ class SQLiteStore:
         self._record(REMEMBER_ID, (message_id, expires))
 
     # Group commit
+
+    @property
+    def backlog(self):
+        writing = len(self._writing[0]) if self._writing is not None else 0
+        return len(self._ops) + writing
 
     def flushed(self):
         if self._ops:

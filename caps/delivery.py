@@ -1,0 +1,213 @@
+"""
+How the broker hands messages out and gets them back: round robin over the
+consumers with room, ack timeouts, delayed returns, dead letters and
+expiry.  Mixed into L{caps.broker.Broker}, whose state it works on.
+"""
+
+from caps.frames import DEAD_SUFFIX
+
+# Seconds between looks at the head of queues holding messages with a TTL.
+EXPIRY_SWEEP = 1.0
+
+
+class Delivery:
+    """
+    The delivery half of the broker.  It uses the broker's C{clock},
+    C{store}, C{log}, C{max_deliveries}, C{_queue()}, C{_timeouts},
+    C{_delays}, C{_expiring} and C{_sweep}.
+    """
+
+    # Sending, and taking back
+
+    def _list(self, consumer):
+        """
+        Put a consumer with room in its queue's round robin.
+        """
+        if not consumer.listed and consumer.has_room():
+            consumer.listed = True
+            consumer.queue.with_room.append(consumer)
+
+    def _pump(self, queue):
+        """
+        Send ready messages of C{queue} to its consumers that have room,
+        round robin.
+        """
+        with_room = queue.with_room
+        while with_room:
+            consumer = with_room[0]
+            if not consumer.has_room():
+                with_room.popleft()
+                consumer.listed = False
+                continue
+            entry = self._next_ready(queue)
+            if entry is None:
+                return
+            with_room.rotate(-1)
+            self._send(consumer.session, entry, consumer)
+
+    def _next_ready(self, queue):
+        """
+        The oldest ready message of C{queue} that has not expired; expired
+        ones met on the way go to the dead letters.
+        """
+        now = None
+        while (entry := queue.pop_ready()) is not None:
+            expires = entry.message.expires
+            if expires is None or queue.holds_dead_letters:
+                return entry
+            if now is None:
+                now = self.clock.seconds()
+            if expires > now:
+                return entry
+            self._dead_letter(entry, "expired")
+        return None
+
+    def _send(self, session, entry, consumer):
+        """
+        Send an entry to a session, through one of its consumers or (for
+        C{getAll}) none.
+        """
+        holder = consumer if consumer is not None else session
+        entry.owner = session
+        entry.consumer = consumer
+        if consumer is not None:
+            consumer.held += 1
+        entry.deliveries += 1
+        self.store.delivered(entry)
+        session.in_flight[entry] = None
+        if holder.ack_timeout > 0:
+            holder.timed[entry] = self.clock.seconds() + holder.ack_timeout
+            self._arm(holder)
+        session.connection.deliver(entry)
+
+    def _take_back(self, entry):
+        """
+        An entry stops being in flight (acknowledged, given back, timed
+        out); its consumer has room again.
+        """
+        session = entry.owner
+        consumer = entry.consumer
+        del session.in_flight[entry]
+        holder = consumer if consumer is not None else session
+        holder.timed.pop(entry, None)
+        entry.owner = None
+        entry.consumer = None
+        if consumer is not None:
+            consumer.held -= 1
+            self._list(consumer)
+
+    def _return(self, entry, delay=0):
+        """
+        Put an entry that left its consumer back in its queue: now, after
+        C{delay} seconds, or in the dead letters if it was delivered too
+        often or has expired.
+        """
+        queue = entry.queue
+        if not queue.holds_dead_letters:
+            expires = entry.message.expires
+            if entry.deliveries >= self.max_deliveries:
+                self._dead_letter(entry, "max-deliveries")
+                return
+            if expires is not None and expires <= self.clock.seconds():
+                self._dead_letter(entry, "expired")
+                return
+        if delay > 0:
+            entry.delayed = True
+            self._delays.add(self.clock.seconds() + delay, entry)
+        else:
+            queue.give_back(entry)
+
+    def _delay_over(self, entry):
+        if entry.delayed and not entry.removed:
+            entry.queue.give_back(entry)
+            self._pump(entry.queue)
+
+    # Ack timeouts
+
+    def _arm(self, holder):
+        if not holder.armed and holder.timed:
+            holder.armed = True
+            self._timeouts.add(next(iter(holder.timed.values())), holder)
+
+    def _check_timeouts(self, holder):
+        """
+        The oldest unacknowledged message of a consumer (or of a session's
+        C{getAll}s) may have run out of time: give back every one that has.
+        """
+        holder.armed = False
+        now = self.clock.seconds()
+        touched = {}
+        while holder.timed:
+            entry, deadline = next(iter(holder.timed.items()))
+            if deadline > now:
+                break
+            self.log.info(
+                "ack timeout: {messageId} of ({clientId}, {event}) goes back",
+                messageId=entry.message.id,
+                clientId=entry.queue.client_id,
+                event=entry.queue.event,
+            )
+            self._take_back(entry)
+            self._return(entry)
+            touched[entry.queue] = None
+        for queue in touched:
+            self._pump(queue)
+        self._arm(holder)
+
+    # Dead letters and expiry
+
+    def _dead_letter(self, entry, reason):
+        """
+        Move a message that is not in flight to its queue's dead letters,
+        (clientId, event + ".dead"), saying why and when.
+        """
+        queue = entry.queue
+        dead = self._queue(queue.client_id, queue.event + DEAD_SUFFIX)
+        self._move(entry, dead, entry.deliveries, (reason, self.clock.seconds()))
+        self.log.warn(
+            "dead letter: {messageId} of ({clientId}, {event}) after "
+            "{deliveries} deliveries: {reason}",
+            messageId=entry.message.id,
+            clientId=queue.client_id,
+            event=queue.event,
+            deliveries=entry.deliveries,
+            reason=reason,
+        )
+        self._pump(dead)
+
+    def _move(self, entry, target, deliveries=0, dead=None):
+        """
+        Move a message from its queue to another, at its place there.
+        """
+        source = entry.queue
+        source.remove(entry.message.id)
+        self.store.entry_removed(source, entry.message)
+        moved = target.insert(entry.message, deliveries)
+        moved.dead = dead
+        self.store.entry_added(target, moved)
+        return moved
+
+    def _watch_expiry(self, queue):
+        if queue.holds_dead_letters:
+            return
+        self._expiring[queue] = None
+        if not self._sweep.running:
+            self._sweep.start(EXPIRY_SWEEP, now=False)
+
+    def _sweep_expired(self):
+        """
+        Move expired messages at the head of each queue that can have them
+        to the dead letters, so they leave even when nobody consumes.
+        """
+        now = self.clock.seconds()
+        for queue in list(self._expiring):
+            while (entry := queue.peek_ready()) is not None:
+                expires = entry.message.expires
+                if expires is None or expires > now:
+                    break
+                queue.pop_ready()
+                self._dead_letter(entry, "expired")
+            if not queue.expiring:
+                del self._expiring[queue]
+        if not self._expiring:
+            self._sweep.stop()

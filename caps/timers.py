@@ -1,0 +1,58 @@
+"""
+Many deadlines, one timer: a heap of (when, what) on an injected clock,
+with a single pending C{DelayedCall} for the earliest.
+
+Adding a deadline costs O(log n); cancelling one is free (the caller's
+callback decides, when it comes due, whether it still matters), so the
+ack timeout of every delivery and the expiry of every message can each be
+a deadline without a C{DelayedCall} apiece.
+"""
+
+import heapq
+import itertools
+
+
+class Deadlines:
+    """
+    @param clock: an C{IReactorTime}.
+    @param due: called as C{due(item)} for each item whose time has come,
+        in time order.
+    """
+
+    def __init__(self, clock, due):
+        self._clock = clock
+        self._due = due
+        self._heap = []
+        self._order = itertools.count()
+        self._call = None
+
+    def __len__(self):
+        return len(self._heap)
+
+    def add(self, when, item):
+        heapq.heappush(self._heap, (when, next(self._order), item))
+        if self._call is None:
+            self._call = self._clock.callLater(
+                max(0, when - self._clock.seconds()), self._fire
+            )
+        elif when < self._call.getTime():
+            self._call.reset(max(0, when - self._clock.seconds()))
+
+    def _fire(self):
+        self._call = None
+        heap = self._heap
+        now = self._clock.seconds()
+        while heap and heap[0][0] <= now:
+            item = heapq.heappop(heap)[2]
+            self._due(item)
+        if heap and self._call is None:
+            self._call = self._clock.callLater(max(0, heap[0][0] - now), self._fire)
+
+    def stop(self):
+        """
+        Forget every deadline; nothing more fires.
+        """
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+        self._heap.clear()
