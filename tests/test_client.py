@@ -370,3 +370,54 @@ class ClientRecoveryTests(SynchronousTestCase):
         self.assertEqual(len(results), 1)
         self.assertEqual(len(self.queue_ids("log", "hello-again")), 1)
         self.assertTrue(client.connected)
+
+
+class ClientLivenessTests(SynchronousTestCase):
+    """
+    Pings, half-open connections and poison messages.
+    """
+
+    def setUp(self):
+        self.net = MemoryNetwork()
+
+    def test_ping_keeps_idle_connection(self):
+        """A client with nothing to do pings often enough that the broker's idle timeout never closes it."""
+        client = self.net.client()
+        self.net.advance(600, step=1.0)
+        self.assertTrue(client.connected)
+        self.assertEqual(len(self.net.pumps), 1)
+
+    def test_half_open_connection_dropped(self):
+        """When pings go unanswered, the client drops the connection and connects again."""
+        client = self.net.client()
+        [pump] = self.net.pumps
+        # The broker goes silent: nothing moves on this connection any more.
+        self.net.pumps.remove(pump)
+        self.net.reactor.advance(30)
+        self.assertFalse(pump.clientIO.disconnecting)
+        self.net.reactor.advance(30)
+        self.assertTrue(pump.clientIO.disconnecting)
+        pump.flush()
+        self.assertFalse(client.connected)
+        self.net.advance(10)
+        self.assertTrue(client.connected)
+
+    def test_poison_message_dead_lettered(self):
+        """A message whose handler always fails is given back each time and ends in the dead letters."""
+        self.net.broker.max_deliveries = 3
+        client = self.net.client()
+        calls = []
+
+        def handler(delivery):
+            calls.append(delivery.deliveries)
+            if delivery.payload.get("poison"):
+                raise ValueError("cannot handle this")
+
+        client.subscribe("driver", "pickup", handler)
+        client.publish("pickup", {"poison": True}, to="driver")
+        client.publish("pickup", {"poison": False}, to="driver")
+        self.net.advance(20, step=0.5)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 3)
+        self.assertEqual(len(self.net.broker.queue("driver", "pickup")), 0)
+        [dead] = self.net.broker.queue("driver", "pickup.dead").entries()
+        self.assertEqual((dead.deliveries, dead.dead[0]), (3, "max-deliveries"))
