@@ -11,14 +11,16 @@ from caps.client import CapsError
 from .helpers import MemoryNetwork
 
 
-class ClientTests(SynchronousTestCase):
+class _ClientCase(SynchronousTestCase):
     def setUp(self):
         self.net = MemoryNetwork()
 
     def queue_ids(self, client_id, event):
         queue = self.net.broker.queue(client_id, event)
-        return [] if queue is None else list(queue._entries)
+        return [] if queue is None else [e.message.id for e in queue.entries()]
 
+
+class ClientTests(_ClientCase):
     def test_publish_confirmed(self):
         """A publish fires with the broker's ok once confirmed."""
         client = self.net.client()
@@ -227,18 +229,11 @@ class ClientTests(SynchronousTestCase):
         self.assertTrue(client.connected)
 
 
-class ClientRecoveryTests(SynchronousTestCase):
+class ClientRecoveryTests(_ClientCase):
     """
     What the client does when the broker refuses for now, when handlers
     fail, and while it unsubscribes or stops.
     """
-
-    def setUp(self):
-        self.net = MemoryNetwork()
-
-    def queue_ids(self, client_id, event):
-        queue = self.net.broker.queue(client_id, event)
-        return [] if queue is None else list(queue._entries)
 
     def test_retries_store_unavailable(self):
         """A publish refused with store-unavailable is kept and tried again until confirmed."""
@@ -372,13 +367,10 @@ class ClientRecoveryTests(SynchronousTestCase):
         self.assertTrue(client.connected)
 
 
-class ClientLivenessTests(SynchronousTestCase):
+class ClientLivenessTests(_ClientCase):
     """
     Pings, half-open connections and poison messages.
     """
-
-    def setUp(self):
-        self.net = MemoryNetwork()
 
     def test_ping_keeps_idle_connection(self):
         """A client with nothing to do pings often enough that the broker's idle timeout never closes it."""
