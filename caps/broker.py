@@ -110,12 +110,17 @@ class Broker(Delivery):
         self._sweep = task.LoopingCall(self._sweep_expired)
         self._sweep.clock = self.clock
         self._state = self.store.load()
-        for queue in self._state.queues.values():
+        for queue in list(self._state.queues.values()):
             queue.recover()
             if queue.subscribed:
                 self._index.add(queue, queue.filter)
             if queue.expiring:
                 self._watch_expiry(queue)
+            if not queue.holds_dead_letters:
+                # Sent its last time just before the broker stopped.
+                for entry in list(queue.entries()):
+                    if entry.deliveries >= self.max_deliveries:
+                        self._dead_letter(entry, "max-deliveries")
 
     def stop(self):
         """
@@ -416,9 +421,11 @@ class Broker(Delivery):
             message_id in self._live or message_id in self._seen
         ):
             return {"messageId": message_id, "queues": 0, "duplicate": True}
-        queues = dict.fromkeys(self._queue(client_id, event) for client_id in to)
-        queues.update(dict.fromkeys(self._index.match(event, payload)))
-        for queue in queues:
+        # Check every limit before changing anything, even creating the
+        # addressees' queues (a new queue is empty, so never full).
+        existing = [self._queues.get((client_id, event)) for client_id in to]
+        matched = self._index.match(event, payload)
+        for queue in filter(None, existing + matched):
             limit = self.max_queue
             if queue.max_length is not None:
                 limit = min(limit, queue.max_length)
@@ -427,6 +434,8 @@ class Broker(Delivery):
                     f"queue ({queue.client_id}, {queue.event}) is full: "
                     f"{len(queue)} messages, the limit is {limit}"
                 )
+        queues = dict.fromkeys(self._queue(client_id, event) for client_id in to)
+        queues.update(dict.fromkeys(matched))
         if message_id is None:
             message_id = self._new_id()
         else:

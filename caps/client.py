@@ -4,9 +4,10 @@ The client side of the CAPS protocol, shared by the vendor and driver apps.
 L{CapsClient} keeps one connection to the broker up with
 L{twisted.application.internet.ClientService} (reconnecting with exponential
 back-off).  On every (re)connect it subscribes to each of its queues again
-and catches up (the backlog arrives first; the answer to a C{getAll} marks
-its end), and re-sends every publish the broker has not confirmed, with the
-same messageId so the broker drops repeats.  A message
+and catches up (the backlog arrives first, as much as the window takes;
+the answer to the subscribe marks its end), and re-sends every publish the
+broker has not confirmed, with the same messageId so the broker drops
+repeats.  A message
 is acknowledged only after its handler finished, and a message handled
 once is never handed to the handler again.
 """
@@ -348,16 +349,28 @@ class CapsClient:
 
     def _catch_up(self, subscription):
         """
-        Subscribe, which sends the backlog, then C{getAll}, whose answer
-        comes after every message of the backlog: the end of the catch-up.
+        Subscribe: the broker sends the backlog, as much as the window
+        (prefetch) takes, before its answer, which marks the end of the
+        catch-up.  (Not C{getAll}: it would send the whole backlog past the
+        window.)
         """
         key = (subscription.client_id, subscription.event)
-        queue = {"clientId": subscription.client_id, "event": subscription.event}
-        payload = (
-            dict(queue, filter=subscription.filter) if subscription.filter else queue
-        )
+        payload = {"clientId": subscription.client_id, "event": subscription.event}
+        for name, value in (
+            ("filter", subscription.filter),
+            ("prefetch", subscription.prefetch),
+            ("ackTimeout", subscription.ack_timeout),
+        ):
+            if value is not None:
+                payload[name] = value
+
+        def caught_up(_):
+            count = self._catching_up.pop(key, 0)
+            if subscription.on_caught_up is not None:
+                subscription.on_caught_up(count)
 
         def refused(error):
+            self._catching_up.pop(key, None)
             if error.code in FINAL_ERRORS:
                 self.log.error(
                     "subscribe to {queue} refused: {error}", queue=key, error=error
@@ -375,15 +388,8 @@ class CapsClient:
             if self._protocol is not None and current is subscription:
                 self._catch_up(subscription)
 
-        self._request({"event": "subscribe", "payload": payload}, None, refused)
         self._catching_up[key] = 0
-
-        def caught_up(payload):
-            count = self._catching_up.pop(key, 0)
-            if subscription.on_caught_up is not None:
-                subscription.on_caught_up(count)
-
-        self._request({"event": "getAll", "payload": queue}, caught_up)
+        self._request({"event": "subscribe", "payload": payload}, caught_up, refused)
 
     def _send_publish(self, message_id):
         outgoing = self._outbox[message_id]

@@ -185,6 +185,8 @@ class Delivery:
         moved = target.insert(entry.message, deliveries)
         moved.dead = dead
         self.store.entry_added(target, moved)
+        if entry.message.expires is not None:
+            self._watch_expiry(target)
         return moved
 
     def _watch_expiry(self, queue):

@@ -332,6 +332,11 @@ _CONTROL = {
 
 def _publish(frame, event, payload, request_id):
     _name(event, "event", request_id)
+    if event.endswith(DEAD_SUFFIX):
+        raise ReservedEvent(
+            f"event {event!r}: names ending in {DEAD_SUFFIX} are dead letters",
+            request_id,
+        )
     to = frame.get("to")
     if to is None:
         to = ()

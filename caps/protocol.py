@@ -19,6 +19,8 @@ from caps.sessions import IConnection
 
 DEFAULT_MAX_LINE = 64 * 1024
 IDLE_TIMEOUT = 120.0
+# Seconds a closing connection has to take what is left before it is cut.
+CLOSE_GRACE = 10.0
 # Changes waiting for the store past which a connection's frames are not
 # read until the store has caught up.
 BACKLOG_HIGH = 20_000
@@ -71,7 +73,7 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
             frames.Unsubscribe: (self._unsubscribe, False, True),
             frames.GetAll: (self._get_all, True, False),
             frames.Received: (self._received, False, True),
-            frames.Nack: (self._nack, False, False),
+            frames.Nack: (self._nack, False, True),
             frames.Requeue: (self._requeue, False, True),
             frames.Ping: (self._ping, True, False),
             frames.Publish: (self._publish, False, True),
@@ -79,6 +81,7 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
         # Replies not written yet, in request order: [line, ready]
         self._replies = deque()
         self._throttled = False
+        self._abort = None
         self.broker.connect(self)
         self.transport.registerProducer(_Valve(self), True)
         self.callLater = self.broker.clock.callLater
@@ -87,6 +90,8 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
 
     def connectionLost(self, reason):
         self.setTimeout(None)
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
         self.broker.disconnect(self)
         self.log.info("{peer} disconnected", peer=self.peer)
 
@@ -97,7 +102,9 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
     def timeoutConnection(self):
         """
         Nothing came from the client, not even a ping, for the idle
-        timeout: it is gone or stuck; its messages go back to their queues.
+        timeout: it is gone or stuck.  Tell it, close the connection (its
+        messages go back to their queues), and cut it off if it does not
+        take the goodbye within a few seconds.
         """
         self.log.info(
             "{peer} sent nothing for {seconds} s; closing",
@@ -110,7 +117,8 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
                 f"nothing received for {self.factory.idle_timeout:g} s; closing",
             )
         )
-        self.transport.abortConnection()
+        self.transport.loseConnection()
+        self._abort = self.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
     def lineReceived(self, line):
         if self.transport.disconnecting:
@@ -202,11 +210,14 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
             return
         self._throttled = True
         self.transport.pauseProducing()
+        # Not reading is the broker's doing: the client is not idle.
+        self.setTimeout(None)
 
         def resume(_):
             self._throttled = False
             if self.connected:
                 self.transport.resumeProducing()
+                self.setTimeout(self.factory.idle_timeout or None)
 
         caught_up.addBoth(resume)
 

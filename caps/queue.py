@@ -4,11 +4,16 @@ place a returned message goes back to.  Pure data structure, no I/O.
 """
 
 import heapq
+import itertools
 from collections import deque
 
 import attrs
 
 from caps.frames import DEAD_SUFFIX, encode_json
+
+# Breaks ties in the returned heap: the same message can be there twice
+# (given back, removed, then put back by a requeue).
+_order = itertools.count()
 
 
 @attrs.frozen
@@ -163,7 +168,7 @@ class Queue:
         """
         entry = Entry(message, self, deliveries=deliveries)
         self._entries[message.id] = entry
-        heapq.heappush(self._returned, (message.seq, entry))
+        heapq.heappush(self._returned, (message.seq, next(_order), entry))
         if message.expires is not None:
             self.expiring += 1
         return entry
@@ -175,7 +180,7 @@ class Queue:
         """
         returned = self._returned
         fresh = self._fresh
-        while returned and returned[0][1].removed:
+        while returned and returned[0][2].removed:
             heapq.heappop(returned)
         while fresh and fresh[0].removed:
             fresh.popleft()
@@ -191,7 +196,7 @@ class Queue:
         """
         head = self._head()
         if head == "returned":
-            return self._returned[0][1]
+            return self._returned[0][2]
         if head == "fresh":
             return self._fresh[0]
         return None
@@ -204,7 +209,7 @@ class Queue:
         """
         head = self._head()
         if head == "returned":
-            return heapq.heappop(self._returned)[1]
+            return heapq.heappop(self._returned)[2]
         if head == "fresh":
             return self._fresh.popleft()
         return None
@@ -221,7 +226,7 @@ class Queue:
         """
         entry.owner = None
         entry.delayed = False
-        heapq.heappush(self._returned, (entry.message.seq, entry))
+        heapq.heappush(self._returned, (entry.message.seq, next(_order), entry))
 
     def remove(self, message_id):
         """

@@ -263,6 +263,34 @@ class ClientRecoveryTests(_ClientCase):
         self.net.flush()
         self.assertEqual(len(seen), 1)
 
+    def test_window(self):
+        """A subscription's prefetch holds back the rest until messages are acknowledged, after a reconnect too."""
+        client = self.net.client()
+        pending = [defer.Deferred() for _ in range(5)]
+        seen = []
+
+        def handler(delivery):
+            seen.append(delivery.payload["n"])
+            return pending[delivery.payload["n"]]
+
+        client.subscribe("driver", "pickup", handler, prefetch=2)
+        publisher = self.net.client()
+        for n in range(5):
+            publisher.publish("pickup", {"n": n}, to="driver")
+        self.net.flush()
+        self.assertEqual(seen, [0, 1])
+        pending[0].callback(None)
+        self.net.flush()
+        self.assertEqual(seen, [0, 1, 2])
+        self.net.drop(self.net.pumps[0])
+        self.net.advance(10)
+        # Back with the same window: 1 and 2 are still being handled.
+        self.assertEqual(seen, [0, 1, 2])
+        held = [
+            e for e in self.net.broker.queue("driver", "pickup").entries() if e.owner
+        ]
+        self.assertEqual(len(held), 2)
+
     def test_failed_handler_tried_again(self):
         """A handler that fails gets the message again a moment later, on the same connection."""
         client = self.net.client()

@@ -340,6 +340,20 @@ class LimitTests(_BrokerCase):
         self.broker.unsubscribe(logger, "logger", "pickup", delete=True)
         self.assertEqual(self.publish(3, message_id="retry"), "retry")
 
+    def test_refused_publish_creates_nothing(self):
+        """A publish refused as full does not even create the other addressees' queues."""
+        self.broker = self.make_broker(max_queue=1)
+        self.publish(0, to="driver")
+        self.assertRaises(
+            QueueFull,
+            self.broker.publish,
+            "pickup",
+            {},
+            b"{}",
+            ("driver", "newcomer"),
+        )
+        self.assertIsNone(self.broker.queue("newcomer", "pickup"))
+
     def test_max_length(self):
         """A subscription's maxLength limits its queue below the broker's limit."""
         vendor = self.connect()
@@ -385,6 +399,16 @@ class ExpiryTests(_BrokerCase):
         self.clock.advance(10)
         self.assertEqual(self.held(), [mid])
         self.broker.nack(a, "driver", "pickup", mid)
+        self.assertEqual(len(self.broker.queue("driver", "pickup.dead")), 1)
+
+    def test_requeued_expired_message_expires_again(self):
+        """A message requeued after its ttl passed goes straight back to the dead letters, on the next sweep."""
+        self.publish(0, ttl=1)
+        self.clock.advance(2)
+        self.assertEqual(self.broker.requeue("driver", "pickup")["requeued"], 1)
+        self.assertEqual(len(self.broker.queue("driver", "pickup")), 1)
+        self.clock.advance(1)
+        self.assertEqual(len(self.broker.queue("driver", "pickup")), 0)
         self.assertEqual(len(self.broker.queue("driver", "pickup.dead")), 1)
 
     def test_dead_letters_do_not_expire(self):

@@ -242,6 +242,17 @@ class ParseTests(SynchronousTestCase):
             "reserved-event",
         )
 
+    def test_dead_letter_names(self):
+        """Events ending in .dead cannot be published; queues of them can be named in control frames."""
+        self.assertRejected(line({"event": "pickup.dead"}), "reserved-event", ".dead")
+        long_name = "e" * 64 + ".dead"
+        _, command = frames.parse_line(
+            line(
+                {"event": "subscribe", "payload": {"clientId": "c", "event": long_name}}
+            )
+        )
+        self.assertEqual(command.event, long_name)
+
     def test_publish_names_are_case_sensitive(self):
         """Only the exact control spellings are control frames: GETALL is an ordinary event."""
         _, command = frames.parse_line(line({"event": "GETALL"}))

@@ -245,6 +245,19 @@ class _StoreContract:
         self.assertEqual(entry.dead, ("max-deliveries", died))
         self.assertEqual(len(self.broker.queue("driver", "pickup")), 0)
 
+    def test_last_delivery_before_crash(self):
+        """A message sent for the last allowed time just before a crash goes to the dead letters on restart."""
+        self.options = {"max_deliveries": 2}
+        self.restart()
+        mid = self.publish("pickup", {}, to=["driver"])
+        self.broker.subscribe(self.connect(), "driver", "pickup")
+        self.restart()
+        self.broker.subscribe(self.connect(), "driver", "pickup")
+        self.restart()
+        self.assertEqual(len(self.broker.queue("driver", "pickup")), 0)
+        [entry] = self.broker.queue("driver", "pickup.dead").entries()
+        self.assertEqual((entry.message.id, entry.deliveries), (mid, 2))
+
     def test_requeued_survive(self):
         """A requeued message is back in its queue after a restart, its count reset."""
         self.options = {"max_deliveries": 1}
