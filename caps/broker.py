@@ -252,7 +252,8 @@ class Broker(Delivery):
             queue.consumers[consumer] = None
         else:
             consumer.prefetch = prefetch
-            consumer.ack_timeout = ack_timeout
+            if ack_timeout != consumer.ack_timeout:
+                self._retime(consumer, ack_timeout)
         self._list(consumer)
         self._pump(queue)
         return {"clientId": client_id, "event": event, "messages": len(queue)}
@@ -281,8 +282,11 @@ class Broker(Delivery):
         return {"clientId": client_id, "event": event, "deleted": delete}
 
     def _drop_consumer(self, consumer):
-        del consumer.queue.consumers[consumer]
-        # Left in with_room, it is skipped there from now on.
+        queue = consumer.queue
+        del queue.consumers[consumer]
+        if consumer.listed:
+            queue.with_room.remove(consumer)
+            consumer.listed = False
         consumer.prefetch = 0
 
     def _delete(self, queue):
@@ -318,7 +322,7 @@ class Broker(Delivery):
             finished(0)
             return done
         session = self._sessions[connection]
-        session.catchups.append(Catchup(queue, finished))
+        session.catchups.append(Catchup(queue, self._state.seq, finished))
         if len(session.catchups) == 1:
             self._continue_catchups(session)
         return done
@@ -327,7 +331,7 @@ class Broker(Delivery):
         while session.catchups and not session.paused:
             catchup = session.catchups[0]
             while not session.paused:
-                entry = self._next_ready(catchup.queue)
+                entry = self._next_ready(catchup.queue, catchup.until)
                 if entry is None:
                     break
                 self._send(session, entry, None)
@@ -345,6 +349,10 @@ class Broker(Delivery):
         self._check_writable()
         queue = self._queues.get((client_id, event))
         entry = queue.remove(message_id) if queue is not None else None
+        if entry is None and not event.endswith(DEAD_SUFFIX):
+            # Acknowledged late, after it died: it was handled after all.
+            queue = self._queues.get((client_id, event + DEAD_SUFFIX))
+            entry = queue.remove(message_id) if queue is not None else None
         if entry is not None:
             if entry.owner is not None:
                 self._take_back(entry)
@@ -357,49 +365,6 @@ class Broker(Delivery):
             "messageId": message_id,
             "deleted": entry is not None,
         }
-
-    def nack(self, connection, client_id, event, message_id, delay=0):
-        """
-        The consumer gives a message back: ready again now, or after
-        C{delay} seconds; to the dead letters if it has been delivered
-        C{max_deliveries} times.
-        """
-        queue = self._queues.get((client_id, event))
-        entry = queue.get(message_id) if queue is not None else None
-        session = self._sessions[connection]
-        nacked = entry is not None and entry.owner is session
-        if nacked:
-            self._take_back(entry)
-            self._return(entry, delay)
-            self._pump(queue)
-        return {
-            "clientId": client_id,
-            "event": event,
-            "messageId": message_id,
-            "nacked": nacked,
-        }
-
-    def requeue(self, client_id, event, message_id=None):
-        """
-        Move dead letters of (clientId, event) back to that queue, at their
-        original places, with their delivery counts reset: one, or all.
-        """
-        self._check_writable()
-        dead = self._queues.get((client_id, event + DEAD_SUFFIX))
-        moved = 0
-        if dead is not None:
-            if message_id is None:
-                entries = sorted(dead.entries(), key=lambda e: e.message.seq)
-            else:
-                entries = [e for e in [dead.get(message_id)] if e is not None]
-            queue = self._queue(client_id, event)
-            for entry in entries:
-                if entry.owner is not None:
-                    continue
-                self._move(entry, queue)
-                moved += 1
-            self._pump(queue)
-        return {"clientId": client_id, "event": event, "requeued": moved}
 
     # Publishing
 
@@ -426,9 +391,7 @@ class Broker(Delivery):
         existing = [self._queues.get((client_id, event)) for client_id in to]
         matched = self._index.match(event, payload)
         for queue in filter(None, existing + matched):
-            limit = self.max_queue
-            if queue.max_length is not None:
-                limit = min(limit, queue.max_length)
+            limit = self._limit(queue)
             if len(queue) >= limit:
                 raise QueueFull(
                     f"queue ({queue.client_id}, {queue.event}) is full: "

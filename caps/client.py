@@ -22,8 +22,10 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from caps.client_protocol import CapsError, ClientFactory, Delivery
+from caps.frames import encode_json
 
 HANDLED_MEMORY = 100_000
+MAX_LINE = 64 * 1024
 PING_INTERVAL = 30.0
 # Errors that say a frame can never succeed; any other error (the store is
 # failing, the broker hit a bug, a limit) is worth trying again.
@@ -101,8 +103,17 @@ class CapsClient:
 
     log = Logger()
 
-    def __init__(self, endpoint, clock, retry_policy=None, ping_interval=PING_INTERVAL):
+    def __init__(
+        self,
+        endpoint,
+        clock,
+        retry_policy=None,
+        ping_interval=PING_INTERVAL,
+        max_line=MAX_LINE,
+    ):
         self.clock = clock
+        # The broker's --max-line: longer publishes fail at once.
+        self.max_line = max_line
         # Ping the broker this often; no answer by the next ping means the
         # connection is dead (half-open): drop it and reconnect.
         self._pinging = task.LoopingCall(self._ping)
@@ -271,6 +282,15 @@ class CapsClient:
         frame = {"event": event, "payload": payload, "messageId": message_id}
         if to is not None:
             frame["to"] = to
+        size = len(encode_json(frame))
+        if size > self.max_line:
+            # The broker would close the connection on it, again and again.
+            return defer.fail(
+                CapsError(
+                    "line-too-long",
+                    f"the frame is {size} bytes; the broker takes {self.max_line}",
+                )
+            )
         if message_id in self._outbox:
             return self._outbox[message_id].deferred
         d = defer.Deferred()

@@ -17,7 +17,64 @@ class Delivery:
     C{_delays}, C{_expiring} and C{_sweep}.
     """
 
+    # Giving back and bringing back
+
+    def nack(self, connection, client_id, event, message_id, delay=0):
+        """
+        The consumer gives a message back: ready again now, or after
+        C{delay} seconds; to the dead letters if it has been delivered
+        C{max_deliveries} times.
+        """
+        queue = self._queues.get((client_id, event))
+        entry = queue.get(message_id) if queue is not None else None
+        session = self._sessions[connection]
+        nacked = entry is not None and entry.owner is session
+        if nacked:
+            self._take_back(entry)
+            self._return(entry, delay)
+            self._pump(queue)
+        return {
+            "clientId": client_id,
+            "event": event,
+            "messageId": message_id,
+            "nacked": nacked,
+        }
+
+    def requeue(self, client_id, event, message_id=None):
+        """
+        Move dead letters of (clientId, event) back to that queue, at their
+        original places, with their delivery counts reset: one, or all (as
+        many as the queue's limit allows).  Their expiry stays: an expired
+        message goes back to the dead letters at the next sweep.
+        """
+        self._check_writable()
+        dead = self._queues.get((client_id, event + DEAD_SUFFIX))
+        moved = 0
+        if dead is not None:
+            if message_id is None:
+                entries = sorted(dead.entries(), key=lambda e: e.message.seq)
+            else:
+                entries = [e for e in [dead.get(message_id)] if e is not None]
+            queue = self._queue(client_id, event)
+            room = self._limit(queue) - len(queue)
+            for entry in entries:
+                if moved >= room:
+                    break
+                if entry.owner is None:
+                    self._move(entry, queue)
+                    moved += 1
+            self._pump(queue)
+        return {"clientId": client_id, "event": event, "requeued": moved}
+
     # Sending, and taking back
+
+    def _limit(self, queue):
+        """
+        The most messages C{queue} may hold.
+        """
+        if queue.max_length is None:
+            return self.max_queue
+        return min(self.max_queue, queue.max_length)
 
     def _list(self, consumer):
         """
@@ -45,13 +102,17 @@ class Delivery:
             with_room.rotate(-1)
             self._send(consumer.session, entry, consumer)
 
-    def _next_ready(self, queue):
+    def _next_ready(self, queue, until=None):
         """
-        The oldest ready message of C{queue} that has not expired; expired
-        ones met on the way go to the dead letters.
+        The oldest ready message of C{queue} that has not expired (and was
+        published by sequence number C{until}, if given); expired ones met
+        on the way go to the dead letters.
         """
         now = None
-        while (entry := queue.pop_ready()) is not None:
+        while (entry := queue.peek_ready()) is not None:
+            if until is not None and entry.message.seq > until:
+                return None
+            queue.pop_ready()
             expires = entry.message.expires
             if expires is None or queue.holds_dead_letters:
                 return entry
@@ -137,21 +198,38 @@ class Delivery:
         holder.armed = False
         now = self.clock.seconds()
         touched = {}
+        count = 0
         while holder.timed:
             entry, deadline = next(iter(holder.timed.items()))
             if deadline > now:
                 break
-            self.log.info(
-                "ack timeout: {messageId} of ({clientId}, {event}) goes back",
-                messageId=entry.message.id,
-                clientId=entry.queue.client_id,
-                event=entry.queue.event,
-            )
             self._take_back(entry)
             self._return(entry)
             touched[entry.queue] = None
+            count += 1
+        if count:
+            self.log.info(
+                "ack timeout: {count} message(s) of {queues} go back",
+                count=count,
+                queues=", ".join(f"({q.client_id}, {q.event})" for q in touched),
+            )
         for queue in touched:
             self._pump(queue)
+        self._arm(holder)
+
+    def _retime(self, holder, ack_timeout):
+        """
+        A consumer's ack timeout changed: messages it holds get no more
+        time than the new timeout gives from now (deadlines stay in order).
+        """
+        holder.ack_timeout = ack_timeout
+        if ack_timeout <= 0:
+            holder.timed.clear()
+            return
+        latest = self.clock.seconds() + ack_timeout
+        for entry, deadline in holder.timed.items():
+            holder.timed[entry] = min(deadline, latest)
+        holder.armed = False
         self._arm(holder)
 
     # Dead letters and expiry
@@ -180,10 +258,10 @@ class Delivery:
         Move a message from its queue to another, at its place there.
         """
         source = entry.queue
-        source.remove(entry.message.id)
-        self.store.entry_removed(source, entry.message)
         moved = target.insert(entry.message, deliveries)
         moved.dead = dead
+        source.remove(entry.message.id)
+        self.store.entry_removed(source, entry.message)
         self.store.entry_added(target, moved)
         if entry.message.expires is not None:
             self._watch_expiry(target)
@@ -203,12 +281,16 @@ class Delivery:
         """
         now = self.clock.seconds()
         for queue in list(self._expiring):
-            while (entry := queue.peek_ready()) is not None:
-                expires = entry.message.expires
-                if expires is None or expires > now:
-                    break
-                queue.pop_ready()
-                self._dead_letter(entry, "expired")
+            try:
+                while (entry := queue.peek_ready()) is not None:
+                    expires = entry.message.expires
+                    if expires is None or expires > now:
+                        break
+                    queue.pop_ready()
+                    self._dead_letter(entry, "expired")
+            except Exception:
+                # One queue's failure must not stop the sweep for all.
+                self.log.failure("expiring messages of {queue} failed", queue=queue.key)
             if not queue.expiring:
                 del self._expiring[queue]
         if not self._expiring:

@@ -21,6 +21,9 @@ DEFAULT_MAX_LINE = 64 * 1024
 IDLE_TIMEOUT = 120.0
 # Seconds a closing connection has to take what is left before it is cut.
 CLOSE_GRACE = 10.0
+# Bytes of replies a client may leave unread (its send buffer full) before
+# it is cut off: replies cannot be paused like deliveries.
+MAX_UNREAD = 8 * 1024 * 1024
 # Changes waiting for the store past which a connection's frames are not
 # read until the store has caught up.
 BACKLOG_HIGH = 20_000
@@ -41,9 +44,12 @@ class _Valve:
         self.protocol = protocol
 
     def pauseProducing(self):
+        self.protocol.send_paused = True
         self.protocol.broker.pause(self.protocol)
 
     def resumeProducing(self):
+        self.protocol.send_paused = False
+        self.protocol.unread = 0
         self.protocol.broker.resume(self.protocol)
 
     def stopProducing(self):
@@ -82,6 +88,9 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
         self._replies = deque()
         self._throttled = False
         self._abort = None
+        # The transport's send buffer is full; replies written meanwhile
+        self.send_paused = False
+        self.unread = 0
         self.broker.connect(self)
         self.transport.registerProducer(_Valve(self), True)
         self.callLater = self.broker.clock.callLater
@@ -179,7 +188,7 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
         """
         if not isinstance(reply, defer.Deferred):
             if not self._replies:
-                self.transport.write(reply)
+                self._write_reply(reply)
             else:
                 self._replies.append([reply, True])
             return
@@ -196,9 +205,25 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
                     result = _internal_error(request_id)
             slot[:] = [result, True]
             while self._replies and self._replies[0][1]:
-                self.transport.write(self._replies.popleft()[0])
+                self._write_reply(self._replies.popleft()[0])
 
         reply.addBoth(done)
+
+    def _write_reply(self, line):
+        """
+        Write a reply; a client that keeps asking but does not read its
+        answers is cut off once they pile up.
+        """
+        if self.send_paused:
+            self.unread += len(line)
+            if self.unread > MAX_UNREAD:
+                if not self.transport.disconnecting:
+                    self.log.info(
+                        "{peer} does not read its replies; closing", peer=self.peer
+                    )
+                    self.transport.abortConnection()
+                return
+        self.transport.write(line)
 
     def _throttle(self):
         """

@@ -240,6 +240,11 @@ class Queue:
             entry.removed = True
             if entry.message.expires is not None:
                 self.expiring -= 1
+            if not self._entries:
+                # Nothing left: drop the removed entries still waiting in
+                # the ready structures.
+                self._fresh.clear()
+                self._returned.clear()
         return entry
 
     def clear(self):

@@ -4,7 +4,7 @@ their in-flight windows), the messages in flight to it, whether it can take
 more, and the C{getAll} catch-ups it is being sent.
 """
 
-from collections import deque
+from collections import OrderedDict, deque
 
 import attrs
 from zope.interface import Interface
@@ -47,7 +47,9 @@ class Consumer:
     ack_timeout: float
     held: int = 0
     listed: bool = False
-    timed: dict = attrs.Factory(dict)
+    # An OrderedDict: a plain dict emptied from the front makes finding its
+    # first item slower and slower.
+    timed: OrderedDict = attrs.Factory(OrderedDict)
     armed: bool = False
 
     def has_room(self):
@@ -60,10 +62,13 @@ class Catchup:
     A C{getAll} being sent: its messages go out as fast as the connection
     takes them, not all at once.
 
-    @ivar done: called with the count once the queue has no ready message.
+    @ivar until: the last message sequence number at the request: messages
+        published later are not part of it.
+    @ivar done: called with the count once no message it covers is ready.
     """
 
     queue: object
+    until: int
     done: object
     count: int = 0
 
@@ -87,5 +92,5 @@ class Session:
     in_flight: dict = attrs.Factory(dict)
     paused: bool = False
     catchups: deque = attrs.Factory(deque)
-    timed: dict = attrs.Factory(dict)
+    timed: OrderedDict = attrs.Factory(OrderedDict)
     armed: bool = False

@@ -11,6 +11,8 @@ a deadline without a C{DelayedCall} apiece.
 import heapq
 import itertools
 
+from twisted.logger import Logger
+
 
 class Deadlines:
     """
@@ -18,6 +20,8 @@ class Deadlines:
     @param due: called as C{due(item)} for each item whose time has come,
         in time order.
     """
+
+    log = Logger()
 
     def __init__(self, clock, due):
         self._clock = clock
@@ -44,7 +48,11 @@ class Deadlines:
         now = self._clock.seconds()
         while heap and heap[0][0] <= now:
             item = heapq.heappop(heap)[2]
-            self._due(item)
+            try:
+                self._due(item)
+            except Exception:
+                # One failure must not stop every later deadline.
+                self.log.failure("handling a deadline failed")
         if heap and self._call is None:
             self._call = self._clock.callLater(max(0, heap[0][0] - now), self._fire)
 

@@ -39,6 +39,15 @@ class ClientTests(_ClientCase):
         )
         self.assertTrue(client._is_idle())
 
+    def test_publish_too_long(self):
+        """A publish longer than the broker takes fails at once instead of closing the connection again and again."""
+        client = self.net.client()
+        d = client.publish("delivered", {"blob": "x" * 70_000}, to="acme")
+        self.assertEqual(self.failureResultOf(d, CapsError).value.code, "line-too-long")
+        self.net.flush()
+        self.assertTrue(client.connected)
+        self.assertTrue(client._is_idle())
+
     def test_publish_while_offline(self):
         """A publish made before the connection exists is sent once it does."""
         from caps.client import CapsClient

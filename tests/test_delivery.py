@@ -113,6 +113,44 @@ class AckTimeoutTests(_BrokerCase):
         self.assertEqual([d["deliveries"] for d in poller.take()], [1, 2])
 
 
+class AckTimeoutMoreTests(_BrokerCase):
+    def test_shorter_timeout_on_resubscribe(self):
+        """Subscribing again with a shorter ackTimeout shortens the wait for messages already held."""
+        a = self.connect()
+        self.broker.subscribe(a, "driver", "pickup", ack_timeout=100)
+        self.publish(0)
+        a.take()
+        self.broker.subscribe(a, "driver", "pickup", ack_timeout=1)
+        self.publish(1)
+        self.clock.advance(1)
+        self.assertEqual(sorted(d["payload"]["n"] for d in a.take()), [0, 1, 1])
+
+    def test_many_timeouts_at_once(self):
+        """Tens of thousands of messages timing out together go back in one pass, in order."""
+        self.broker = self.make_broker(ack_timeout=5)
+        poller = self.connect()
+        for n in range(20_000):
+            self.publish(n, to="acme", event="delivered")
+        self.successResultOf(self.broker.get_all(poller, "acme", "delivered"))
+        poller.take()
+        self.clock.advance(5)
+        result = self.successResultOf(self.broker.get_all(poller, "acme", "delivered"))
+        self.assertEqual(result["count"], 20_000)
+        self.assertEqual(self.ns(poller), list(range(20_000)))
+
+    def test_late_ack_after_dead_letter(self):
+        """A late acknowledgement deletes a message even after it went to the dead letters."""
+        self.broker = self.make_broker(max_deliveries=2)
+        a = self.connect()
+        self.broker.subscribe(a, "driver", "pickup", ack_timeout=1)
+        mid = self.publish(0)
+        self.clock.advance(1)
+        self.clock.advance(1)
+        self.assertEqual(len(self.broker.queue("driver", "pickup.dead")), 1)
+        self.assertTrue(self.broker.received("driver", "pickup", mid)["deleted"])
+        self.assertEqual(len(self.broker.queue("driver", "pickup.dead")), 0)
+
+
 class NackTests(_BrokerCase):
     def test_nack_now(self):
         """A nacked message is ready again at once, at its place."""
@@ -232,6 +270,21 @@ class DeadLetterTests(_BrokerCase):
         self.assertEqual(len(self.broker.queue("driver", "pickup")), 1)
 
 
+class RequeueLimitTests(_BrokerCase):
+    def test_requeue_up_to_the_limit(self):
+        """requeue moves only as many dead letters as the queue has room for."""
+        self.broker = self.make_broker(max_deliveries=1)
+        a = self.connect()
+        self.broker.subscribe(a, "driver", "pickup", max_length=2)
+        for n in range(2):
+            self.broker.nack(a, "driver", "pickup", self.publish(n))
+        self.broker.unsubscribe(a, "driver", "pickup")
+        self.publish(2)
+        self.assertEqual(self.broker.requeue("driver", "pickup")["requeued"], 1)
+        self.assertEqual(len(self.broker.queue("driver", "pickup")), 2)
+        self.assertEqual(len(self.broker.queue("driver", "pickup.dead")), 1)
+
+
 class WindowTests(_BrokerCase):
     def test_prefetch(self):
         """A consumer never holds more than its prefetch; acknowledging refills it."""
@@ -287,6 +340,29 @@ class WindowTests(_BrokerCase):
         self.broker.subscribe(b, "driver", "pickup")
         self.clock.advance(10)
         self.assertEqual(self.ns(b), [0])
+
+    def test_get_all_covers_what_was_there(self):
+        """getAll ends after the messages ready when it was asked for, even as new ones keep coming."""
+        for n in range(3):
+            self.publish(n, to="acme", event="delivered")
+        poller = PausingConnection(self.broker, pause_after=2)
+        self.broker.connect(poller)
+        done = self.broker.get_all(poller, "acme", "delivered")
+        for n in range(3, 6):
+            self.publish(n, to="acme", event="delivered")
+        poller.pause_after = 100
+        self.broker.resume(poller)
+        self.assertEqual(self.successResultOf(done)["count"], 3)
+
+    def test_dropped_consumers_do_not_pile_up(self):
+        """Consumers that come and go on an idle queue leave nothing behind in its round robin."""
+        steady = self.connect("steady")
+        self.broker.subscribe(steady, "driver", "pickup")
+        for n in range(100):
+            passing = self.connect(f"passing{n}")
+            self.broker.subscribe(passing, "driver", "pickup")
+            self.broker.disconnect(passing)
+        self.assertEqual(len(self.broker.queue("driver", "pickup").with_room), 1)
 
     def test_get_all_streams(self):
         """getAll sends the whole backlog regardless of prefetch, pausing while the connection is full."""

@@ -487,6 +487,18 @@ class ProtocolDeliveryControlTests(SynchronousTestCase):
         )
         self.assertEqual(len(slow.frames()), 1)
 
+    def test_unread_replies_cut_off(self):
+        """A client that keeps sending but reads nothing is cut off before its replies pile up."""
+        client = self.connect()
+        client.transport.producer.pauseProducing()
+        pad = "x" * 60_000
+        for n in range(200):
+            client.send(frame("ping", {"pad": pad}, id=n))
+            if client.transport.disconnected:
+                break
+        self.assertTrue(client.transport.disconnected)
+        self.assertLess(len(client.transport.value()), 200 * 60_000)
+
     def test_store_backlog_throttles_publishers(self):
         """While the store is far behind, the broker stops reading from a publisher until it catches up."""
         store = _SlowStore()
