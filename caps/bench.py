@@ -6,7 +6,8 @@ Benchmarks: run them on your own machine.
     python -m caps.bench --stall              # what commits do to the reactor
 
 The throughput run starts a real broker (twistd) on loopback for each
-store.  One connection publishes with up to --window unconfirmed messages
+store, and first the bare relay (caps/relay.py), the floor each store's
+CPU per message is compared with.  One connection publishes with up to --window unconfirmed messages
 in flight; another consumes and acknowledges every message.  It reports
 end-to-end messages per second, the broker's own CPU time per message
 (publish, deliver and acknowledge, from /proc) and how long confirmations
@@ -34,7 +35,10 @@ from twisted.python import usage
 from caps.demo import LISTENING, broker_command
 from caps.options import positive_int
 
+# The bare relay first: every other row is compared with it.
+RELAY = "relay"
 STORES = {
+    RELAY: (),
     "memory": ("--store", "memory"),
     "sqlite-full": ("--store", "sqlite:{dir}/bench.sqlite3", "--sync", "full"),
     "sqlite-normal": ("--store", "sqlite:{dir}/bench.sqlite3", "--sync", "normal"),
@@ -79,9 +83,13 @@ class Broker:
     A broker subprocess on a free loopback port, its log thrown away.
     """
 
-    def __init__(self, args):
+    def __init__(self, args, relay=False):
+        if relay:
+            command = (sys.executable, "-m", "caps.relay")
+        else:
+            command = broker_command("--listen", "tcp:0:interface=127.0.0.1", *args)
         self.process = subprocess.Popen(
-            broker_command("--listen", "tcp:0:interface=127.0.0.1", *args),
+            command,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
@@ -156,7 +164,8 @@ def publish(address, messages, window, latencies):
     reader = threading.Thread(target=read_confirms)
     reader.start()
     for n in range(messages):
-        room.acquire()
+        if not room.acquire(timeout=60):
+            raise RuntimeError("no confirmation for 60 s: the broker is stuck")
         sent_at[n] = time.perf_counter()
         sock.sendall(
             b'{"event":"order","to":"bench","id":%d,"payload":%s}\n' % (n, body)
@@ -171,7 +180,7 @@ def run_throughput(name, messages, window):
     """
     with tempfile.TemporaryDirectory(prefix="caps-bench-") as workdir:
         args = [a.format(dir=workdir) for a in STORES[name]]
-        broker = Broker(args)
+        broker = Broker(args, relay=name == RELAY)
         try:
             ready = threading.Event()
             consumer = threading.Thread(
@@ -320,6 +329,12 @@ def main(argv):
             print(f"running {name} ...", file=sys.stderr, flush=True)
             messages = options["messages"] or 20_000
             rows.append(run_throughput(name, messages, options["window"]))
+        floor = next((r for r in rows if r["store"] == RELAY), None)
+        for row in rows:
+            if floor is not None:
+                row["cpu_vs_relay"] = (
+                    row["broker_cpu_us_per_msg"] / floor["broker_cpu_us_per_msg"]
+                )
     print(table(rows))
     if options["json"]:
         with open(options["json"], "w") as f:
