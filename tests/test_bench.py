@@ -28,11 +28,13 @@ class BenchTests(SynchronousTestCase):
             return result.stdout.decode(), json.load(f)
 
     def test_throughput_smoke(self):
-        """Every store runs, and each row reports the figures the docs quote."""
+        """The relay and every store run, and each row reports the figures the docs quote."""
         text, rows = self.run_bench("--messages", "300", "--window", "50")
         self.assertEqual(
-            [r["store"] for r in rows], ["memory", "sqlite-full", "sqlite-normal"]
+            [r["store"] for r in rows],
+            ["relay", "memory", "sqlite-full", "sqlite-normal"],
         )
+        self.assertEqual(rows[0]["cpu_vs_relay"], 1.0)
         for row in rows:
             self.assertEqual(row["messages"], 300)
             for key in ("msgs_per_s", "broker_cpu_us_per_msg", "confirm_ms_p99"):
