@@ -330,8 +330,10 @@ def main(argv):
             messages = options["messages"] or 20_000
             rows.append(run_throughput(name, messages, options["window"]))
         floor = next((r for r in rows if r["store"] == RELAY), None)
-        for row in rows:
-            if floor is not None:
+        if floor is not None and floor["broker_cpu_us_per_msg"] > 0:
+            # CPU time is counted in clock ticks (10 ms): a tiny run of the
+            # relay can show none at all.
+            for row in rows:
                 row["cpu_vs_relay"] = (
                     row["broker_cpu_us_per_msg"] / floor["broker_cpu_us_per_msg"]
                 )

@@ -110,14 +110,17 @@ class Broker(Delivery):
         self._sweep = task.LoopingCall(self._sweep_expired)
         self._sweep.clock = self.clock
         self._state = self.store.load()
-        for queue in list(self._state.queues.values()):
+        queues = list(self._state.queues.values())
+        for queue in queues:
             queue.recover()
             if queue.subscribed:
                 self._index.add(queue, queue.filter)
             if queue.expiring:
                 self._watch_expiry(queue)
+        # Only once no queue has a consumer left from before: messages sent
+        # their last time just before the broker stopped are dead letters.
+        for queue in queues:
             if not queue.holds_dead_letters:
-                # Sent its last time just before the broker stopped.
                 for entry in list(queue.entries()):
                     if entry.deliveries >= self.max_deliveries:
                         self._dead_letter(entry, "max-deliveries")

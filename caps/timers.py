@@ -35,12 +35,14 @@ class Deadlines:
 
     def add(self, when, item):
         heapq.heappush(self._heap, (when, next(self._order), item))
+        # The earliest deadline, which is not always this one: add can be
+        # called while earlier ones are being handled.
+        first = self._heap[0][0]
+        delay = max(0, first - self._clock.seconds())
         if self._call is None:
-            self._call = self._clock.callLater(
-                max(0, when - self._clock.seconds()), self._fire
-            )
-        elif when < self._call.getTime():
-            self._call.reset(max(0, when - self._clock.seconds()))
+            self._call = self._clock.callLater(delay, self._fire)
+        elif first < self._call.getTime():
+            self._call.reset(delay)
 
     def _fire(self):
         self._call = None

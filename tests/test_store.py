@@ -258,6 +258,18 @@ class _StoreContract:
         [entry] = self.broker.queue("driver", "pickup.dead").entries()
         self.assertEqual((entry.message.id, entry.deliveries), (mid, 2))
 
+    def test_restart_forgets_old_consumers(self):
+        """What a restart moves to the dead letters goes to no consumer of the stopped broker."""
+        self.options = {"max_deliveries": 1}
+        self.restart()
+        self.broker.subscribe(self.connect(), "driver", "pickup")
+        old = self.connect("old")
+        self.broker.subscribe(old, "driver", "pickup.dead")
+        self.publish("pickup", {}, to=["driver"])
+        self.restart()
+        self.assertEqual(old.deliveries, [])
+        self.assertEqual(len(self.broker.queue("driver", "pickup.dead")), 1)
+
     def test_requeued_survive(self):
         """A requeued message is back in its queue after a restart, its count reset."""
         self.options = {"max_deliveries": 1}

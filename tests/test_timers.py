@@ -36,3 +36,22 @@ class DeadlinesTests(SynchronousTestCase):
         deadlines.stop()
         clock.advance(5)
         self.assertEqual((due, clock.getDelayedCalls(), len(deadlines)), ([], [], 0))
+
+    def test_added_while_firing(self):
+        """A deadline added while others are handled does not postpone an earlier one."""
+        clock = Clock()
+        due = []
+
+        def handle(item):
+            due.append((clock.seconds(), item))
+            if item == "first":
+                deadlines.add(10, "added late")
+
+        deadlines = Deadlines(clock, handle)
+        deadlines.add(1, "first")
+        deadlines.add(3, "second")
+        clock.advance(1)
+        clock.advance(2)
+        self.assertEqual(due, [(1, "first"), (3, "second")])
+        clock.advance(7)
+        self.assertEqual(due[-1], (10, "added late"))
