@@ -40,6 +40,7 @@ RELAY = "relay"
 STORES = {
     RELAY: (),
     "memory": ("--store", "memory"),
+    "memory-no-event-log": ("--store", "memory", "--no-event-log"),
     "sqlite-full": ("--store", "sqlite:{dir}/bench.sqlite3", "--sync", "full"),
     "sqlite-normal": ("--store", "sqlite:{dir}/bench.sqlite3", "--sync", "normal"),
 }

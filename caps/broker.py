@@ -76,6 +76,7 @@ class Broker(Delivery):
     @ivar max_queue: the most messages any queue may hold.
     @ivar default_ttl: seconds a message lives if its publish gives no
         C{ttl}; L{None} for ever.
+    @ivar log_events: log every published message (C{EVENT {...}}).
     """
 
     clock: object
@@ -86,6 +87,7 @@ class Broker(Delivery):
     max_deliveries: int = MAX_DELIVERIES
     max_queue: int = MAX_QUEUE
     default_ttl: float | None = None
+    log_events: bool = True
     log = Logger()
     _state: State = attrs.field(init=False)
     _index: SubscriptionIndex = attrs.Factory(SubscriptionIndex)
@@ -413,7 +415,8 @@ class Broker(Delivery):
         expires = now + ttl if ttl is not None else None
         self._state.seq += 1
         message = Message(message_id, event, body, self._state.seq, now, expires)
-        self.log.info("EVENT {record}", record=_EventRecord(message))
+        if self.log_events:
+            self.log.info("EVENT {record}", record=_EventRecord(message))
         if queues:
             self._live[message_id] = len(queues)
             self.store.message_added(message, queues)

@@ -308,6 +308,17 @@ class BrokerTests(SynchronousTestCase):
         self.assertEqual(again.ids(), ["only"])
         self.assertEqual(again.deliveries[0]["deliveries"], 1)
 
+    def test_event_log_off(self):
+        """With log_events off, publishing logs nothing."""
+        seen = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        self.broker.log_events = False
+        self.publish("pickup", {"store": "acme"}, to=["driver"])
+        self.assertEqual(
+            [e for e in seen if e.get("log_namespace") == "caps.broker.Broker"], []
+        )
+
     def test_broker_protocol_is_a_connection(self):
         """The real protocol provides the interface the broker talks to."""
         from twisted.internet.testing import StringTransport

@@ -93,6 +93,36 @@ class ServiceTests(SynchronousTestCase):
         self.assertIs(reactor.tcpServers[1][1], factory)
         self.successResultOf(service.stopService())
 
+    def test_broker_options(self):
+        """Delivery-control options and --no-event-log reach the broker."""
+        service = self.make(
+            MemoryReactor(),
+            "--ack-timeout",
+            "5",
+            "--prefetch",
+            "7",
+            "--max-deliveries",
+            "3",
+            "--max-queue",
+            "100",
+            "--default-ttl",
+            "60",
+            "--no-event-log",
+        )
+        [store_service, listener] = list(service)
+        broker = store_service.broker
+        self.assertEqual(
+            (
+                broker.ack_timeout,
+                broker.prefetch,
+                broker.max_deliveries,
+                broker.max_queue,
+                broker.default_ttl,
+                broker.log_events,
+            ),
+            (5.0, 7, 3, 100, 60.0, False),
+        )
+
     def test_cannot_listen(self):
         """A port that cannot be had stops the start with a one-line reason, not a traceback."""
         service = self.make(_RefusingReactor())
