@@ -186,11 +186,14 @@ class Slot:
     """
     A place for one client connection at a time.
 
+    @ivar room: deliveries its send buffer takes before it fills up (the
+        connection is then paused, as its transport would), or L{None}.
     @ivar holdings: (queue key, n) -> L{Holding}.
     """
 
     conn: object = None
     paused: bool = False
+    room: int | None = None
     subs: dict = attrs.Factory(dict)
     holdings: dict = attrs.Factory(dict)
     catchups: list = attrs.Factory(list)
@@ -375,6 +378,13 @@ class _BrokerModel(RuleBasedStateMachine):
         stale = (key, copy.message_id, n)
         if stale not in self.delivered:
             self.delivered = [*self.delivered[-29:], stale]
+        if slot.room is not None:
+            slot.room -= 1
+            if not slot.room:
+                # Its send buffer is full: paused in the middle of sending.
+                slot.room = None
+                slot.paused = True
+                self.broker.pause(conn)
 
     def caught_up(self, result, slot, catchup):
         """
@@ -557,14 +567,20 @@ class _BrokerModel(RuleBasedStateMachine):
             self._reconnect(i, slot.subs)
 
     @precondition(lambda self: self.connected())
-    @rule(data=st.data(), paused=st.booleans())
-    def pause_or_resume(self, data, paused):
+    @rule(data=st.data(), action=st.sampled_from(["resume", "pause", 1, 3]))
+    def pause_or_resume(self, data, action):
+        """
+        Pause a connection now, or once its send buffer has taken a few more
+        deliveries; or resume it (its buffer drained).
+        """
         slot = self.slots[data.draw(st.sampled_from(self.connected()), label="slot")]
-        slot.paused = paused
-        if paused:
-            self.broker.pause(slot.conn)
-        else:
+        slot.room = action if isinstance(action, int) else None
+        if action == "resume":
+            slot.paused = False
             self.broker.resume(slot.conn)
+        elif action == "pause":
+            slot.paused = True
+            self.broker.pause(slot.conn)
 
     # Rules: consuming
 
@@ -944,10 +960,15 @@ class _BrokerModel(RuleBasedStateMachine):
                 if holding is None:
                     self.problem(f"{what}: never sent there, or given up")
                     continue
+                holder = entry.consumer or session
                 self.expect(
-                    (entry.consumer is not None, entry.deliveries),
-                    (holding.via is not None, holding.deliveries),
-                    f"{what}: (by subscription, deliveries)",
+                    (
+                        entry.consumer is not None,
+                        entry.deliveries,
+                        holder.timed.get(entry),
+                    ),
+                    (holding.via is not None, holding.deliveries, holding.deadline),
+                    f"{what}: (by subscription, deliveries, deadline)",
                 )
             in_flight = {
                 (e.queue.key, json.loads(e.message.payload)["n"])
