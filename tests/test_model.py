@@ -587,12 +587,17 @@ class _BrokerModel(RuleBasedStateMachine):
     @precondition(lambda self: self.connected())
     @rule(
         data=st.data(),
-        key=st.sampled_from(QUEUE_KEYS),
         prefetch=st.integers(1, 5),
         ack_timeout=st.sampled_from([0, 2, 5]),
     )
-    def subscribe(self, data, key, prefetch, ack_timeout):
+    def subscribe(self, data, prefetch, ack_timeout):
+        """
+        Subscribe to a queue, or again (new prefetch and ackTimeout) to one
+        the connection consumes.
+        """
         i = data.draw(st.sampled_from(self.connected()), label="slot")
+        keys = [*self.slots[i].subs, *QUEUE_KEYS]
+        key = data.draw(st.sampled_from(keys), label="queue")
         self._subscribe(i, key, prefetch, ack_timeout)
 
     def _subscribe(self, i, key, prefetch, ack_timeout):
