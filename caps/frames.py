@@ -6,11 +6,11 @@ request id and a typed command, or raises L{FrameError} with a stable wire
 code; the encoders turn the broker's answers back into lines.
 """
 
-import json
-import math
 import re
 
 import attrs
+
+from caps import codec
 
 # Names of events and clientIds.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
@@ -148,56 +148,25 @@ class Publish:
     ttl: float | None = None
 
 
-def _reject_constant(name):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text):
-    value = float(text)
-    if math.isinf(value):
-        raise ValueError(f"number {text} is out of range")
-    return value
-
-
-# NaN, Infinity and numbers too large for a double would come out as
-# NaN/Infinity, which is not JSON: refuse them coming in.
-_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
-
-
 def decode_json(line):
     """
     Decode one line of UTF-8 JSON text, or raise L{BadJSON}.
     """
     try:
-        text = line.decode("utf-8")
-        return _decoder.decode(text)
-    except UnicodeDecodeError:
-        raise BadJSON("the line is not valid UTF-8") from None
-    except RecursionError:
-        raise BadJSON("the JSON is nested too deeply") from None
-    except ValueError as e:
-        # JSONDecodeError, NaN/Infinity, or an integer too long to convert.
-        raise BadJSON(f"the line is not valid JSON: {e}") from None
+        return codec.loads(line)
+    except codec.JSONError as e:
+        raise BadJSON(str(e)) from None
 
 
 def encode_json(value):
     """
-    Encode a JSON value as compact UTF-8 bytes.
-
-    Non-ASCII text is kept as is, for people reading with netcat; a string
-    with a lone surrogate (which JSON escapes can carry but UTF-8 cannot) is
-    written with ASCII escapes instead.
+    Encode a JSON value as compact UTF-8 bytes (see L{caps.codec}), or raise
+    L{BadJSON} if it is nested too deeply.
     """
     try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode(
-            "utf-8"
-        )
-    except UnicodeEncodeError:
-        return json.dumps(value, separators=(",", ":")).encode("ascii")
-    except RecursionError:
-        # Decoding takes a little less stack than encoding: a value nested
-        # just shallowly enough to decode can still be too deep here.
-        raise BadJSON("the JSON is nested too deeply") from None
+        return codec.dumps(value)
+    except codec.JSONError as e:
+        raise BadJSON(str(e)) from None
 
 
 def _field(obj, key, kind, where, request_id, required=True):
