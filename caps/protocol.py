@@ -105,8 +105,30 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
         self.log.info("{peer} disconnected", peer=self.peer)
 
     def dataReceived(self, data):
+        """
+        Split what arrived into lines in one pass (L{LineReceiver}'s own
+        C{dataReceived} searches the rest of the buffer again after every
+        line) and handle them in order; this protocol never uses raw mode.
+        """
         self.resetTimeout()
-        super().dataReceived(data)
+        if self._buffer:
+            data = self._buffer + data
+            self._buffer = b""
+        lines = data.split(b"\n")
+        rest = lines.pop()
+        limit = self.MAX_LENGTH
+        transport = self.transport
+        for line in lines:
+            if transport.disconnecting:
+                return
+            if len(line) > limit:
+                self.lineLengthExceeded(line)
+                return
+            self.lineReceived(line)
+        if len(rest) > limit:
+            self.lineLengthExceeded(rest)
+        elif not transport.disconnecting:
+            self._buffer = rest
 
     def timeoutConnection(self):
         """
