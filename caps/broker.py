@@ -5,15 +5,14 @@ it talks to connections through L{IConnection} and reads time from an
 injected clock.
 """
 
-import json
 import uuid
-from datetime import datetime, timezone
 
 import attrs
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from caps.delivery import Delivery
+from caps.eventlog import EventLog
 from caps.frames import DEAD_SUFFIX, ProtocolError
 from caps.queue import Message, Queue
 from caps.routing import SubscriptionIndex
@@ -37,25 +36,6 @@ class QueueFull(ProtocolError):
     """
 
     code = "queue-full"
-
-
-class _EventRecord:
-    """
-    The hub's C{EVENT} log line, formatted only if an observer formats it.
-    """
-
-    __slots__ = ("message",)
-
-    def __init__(self, message):
-        self.message = message
-
-    def __format__(self, spec):
-        m = self.message
-        when = datetime.fromtimestamp(m.time, timezone.utc).isoformat()
-        return (
-            f'{{"event": {json.dumps(m.event)}, "time": "{when}", '
-            f'"payload": {m.payload.decode("utf-8")}}}'
-        )
 
 
 @attrs.define(eq=False)
@@ -101,6 +81,7 @@ class Broker(Delivery):
     # Queues that hold messages that can expire, and the sweep that looks
     _expiring: dict = attrs.Factory(dict)
     _sweep: task.LoopingCall = attrs.field(init=False)
+    _events: EventLog = attrs.field(init=False)
 
     def __attrs_post_init__(self):
         """
@@ -111,6 +92,7 @@ class Broker(Delivery):
         self._delays = Deadlines(self.clock, self._delay_over)
         self._sweep = task.LoopingCall(self._sweep_expired)
         self._sweep.clock = self.clock
+        self._events = EventLog(self.clock, self.log)
         self._state = self.store.load()
         queues = list(self._state.queues.values())
         for queue in queues:
@@ -129,8 +111,10 @@ class Broker(Delivery):
 
     def stop(self):
         """
-        Stop every timer (the broker is going away).
+        Stop every timer (the broker is going away), and log the last
+        events.
         """
+        self._events.flush()
         self._timeouts.stop()
         self._delays.stop()
         if self._sweep.running:
@@ -416,7 +400,7 @@ class Broker(Delivery):
         self._state.seq += 1
         message = Message(message_id, event, body, self._state.seq, now, expires)
         if self.log_events:
-            self.log.info("EVENT {record}", record=_EventRecord(message))
+            self._events.add(message)
         if queues:
             self._live[message_id] = len(queues)
             self.store.message_added(message, queues)

@@ -6,7 +6,7 @@ synchronously with recording connections and a fake clock.
 import json
 
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -400,10 +400,9 @@ class BrokerTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, seen.append)
         self.clock.advance(0.5)
         self.publish("pickup", {"store": "acme", "customer": "Zoë"}, to=["driver"])
+        self.clock.advance(0)
         [event] = [e for e in seen if e.get("log_namespace") == "caps.broker.Broker"]
         self.assertEqual(event["log_level"], LogLevel.info)
-        from twisted.logger import formatEvent
-
         text = formatEvent(event)
         self.assertTrue(text.startswith("EVENT "), text)
         record = json.loads(text[len("EVENT ") :])
@@ -415,3 +414,32 @@ class BrokerTests(SynchronousTestCase):
                 "payload": {"store": "acme", "customer": "Zoë"},
             },
         )
+
+    def test_event_log_batches_a_turn(self):
+        """The messages of one reactor turn are logged together, a line each, in order; stopping logs what is left."""
+        seen = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+
+        def logged():
+            return [
+                formatEvent(e)
+                for e in seen
+                if e.get("log_namespace") == "caps.broker.Broker"
+            ]
+
+        for n in range(3):
+            self.publish("pickup", {"n": n}, to=["driver"])
+        self.assertEqual(logged(), [])
+        self.clock.advance(0)
+        [text] = logged()
+        lines = text.split("\n")
+        self.assertEqual(
+            [json.loads(line[len("EVENT ") :])["payload"] for line in lines],
+            [{"n": 0}, {"n": 1}, {"n": 2}],
+        )
+        self.publish("pickup", {"n": 3}, to=["driver"])
+        self.broker.stop()
+        self.assertEqual(len(logged()), 2)
+        self.assertIn('"payload": {"n":3}', logged()[1])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
