@@ -1,5 +1,5 @@
 """
-Tests for caps.codec: orjson and the standard library give the broker the
+Tests for caps.codec: msgspec and the standard library give the broker the
 same values, the same encodings and the same refusals.
 """
 
@@ -15,14 +15,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from caps import codec
 
 try:
-    import orjson
+    import msgspec
 except ImportError:
-    orjson = None
+    msgspec = None
 
 # Each codec the broker can run with: (name, loads, dumps).
 CODECS = [("stdlib", codec.stdlib_loads, codec.stdlib_dumps)]
-if orjson is not None:
-    CODECS.append(("orjson", *codec.with_orjson(orjson)))
+if msgspec is not None:
+    CODECS.append(("msgspec", *codec.with_msgspec(msgspec)))
 
 REFUSED = [
     (b"{", "not valid JSON"),
@@ -112,10 +112,10 @@ class CodecTests(SynchronousTestCase):
             self.assertEqual(loads(json.dumps(value).encode()), value, name)
 
     def test_environment_choice(self):
-        """The broker uses orjson when it is installed, and stdlib with CAPS_JSON=stdlib."""
+        """The broker uses msgspec when it is installed, and stdlib with CAPS_JSON=stdlib."""
         script = "from caps import codec; print(codec.NAME)"
         for setting, expected in [
-            (None, "orjson" if orjson is not None else "stdlib"),
+            (None, "msgspec" if msgspec is not None else "stdlib"),
             ("stdlib", "stdlib"),
         ]:
             env = {k: v for k, v in os.environ.items() if k != "CAPS_JSON"}
