@@ -329,7 +329,7 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
             b',"clientId":',
             queue.client_json,
             b',"messageId":',
-            message.id_json,
+            frames.encode_json(message.id),
             b',"payload":',
             message.payload,
             _TRUE_REDELIVERED if entry.deliveries > 1 else _FALSE_REDELIVERED,

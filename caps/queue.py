@@ -16,10 +16,12 @@ from caps.frames import DEAD_SUFFIX, encode_json
 _order = itertools.count()
 
 
-@attrs.frozen
+@attrs.define(eq=False)
 class Message:
     """
-    A published message, shared by every queue it was routed to.
+    A published message, shared by every queue it was routed to.  Nothing
+    changes it once it is made (a frozen attrs class would take three times
+    as long to build, and one is built for every publish).
 
     @ivar seq: the broker's publish counter: orders messages in every queue.
     @ivar payload: compact JSON bytes, encoded once at publish.
@@ -34,11 +36,6 @@ class Message:
     seq: int
     time: float
     expires: float | None = None
-    id_json: bytes = attrs.field(
-        init=False,
-        eq=False,
-        default=attrs.Factory(lambda self: encode_json(self.id), takes_self=True),
-    )
 
 
 @attrs.define(eq=False, slots=True)
