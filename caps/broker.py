@@ -335,8 +335,9 @@ class Broker(Delivery):
         Delete an acknowledged message from (clientId, event); an unknown
         or already deleted messageId is not an error.
         """
-        self._check_writable()
-        queue = self._queues.get((client_id, event))
+        if not self.store.available:
+            raise StoreUnavailable(UNAVAILABLE)
+        queue = self._state.queues.get((client_id, event))
         entry = queue.remove(message_id) if queue is not None else None
         if entry is None and not event.endswith(DEAD_SUFFIX):
             # Acknowledged late, after it died: it was handled after all.
@@ -368,58 +369,83 @@ class Broker(Delivery):
             dead letters; L{None} for the broker's default.
         @raise QueueFull: if any of those queues is full; nothing is stored.
         """
-        self._check_writable()
+        if not self.store.available:
+            raise StoreUnavailable(UNAVAILABLE)
+        state = self._state
         now = self.clock.seconds()
-        self._forget_old_ids(now)
-        if message_id is not None and (
-            message_id in self._live or message_id in self._seen
-        ):
+        seen = state.seen
+        if seen:
+            self._forget_old_ids(now)
+        if message_id is not None and (message_id in state.live or message_id in seen):
             return {"messageId": message_id, "queues": 0, "duplicate": True}
         # Check every limit before changing anything, even creating the
         # addressees' queues (a new queue is empty, so never full).
-        existing = [self._queues.get((client_id, event)) for client_id in to]
+        known = state.queues
+        existing = [known.get((client_id, event)) for client_id in to]
         matched = self._index.match(event, payload)
-        for queue in filter(None, existing + matched):
-            limit = self._limit(queue)
-            if len(queue) >= limit:
-                raise QueueFull(
-                    f"queue ({queue.client_id}, {queue.event}) is full: "
-                    f"{len(queue)} messages, the limit is {limit}"
-                )
-        queues = dict.fromkeys(self._queue(client_id, event) for client_id in to)
-        queues.update(dict.fromkeys(matched))
+        max_queue = self.max_queue
+        for queue in (*existing, *matched):
+            if queue is not None and (
+                queue.max_length is not None or len(queue) >= max_queue
+            ):
+                self._check_room(queue)
+        if None in existing:
+            existing = [
+                queue or self._queue(client_id, event)
+                for queue, client_id in zip(existing, to, strict=True)
+            ]
+        if not matched and len(existing) < 2:
+            queues = existing
+        elif len(existing) == 1 and len(matched) == 1 and existing[0] is matched[0]:
+            # Addressed to a queue that is subscribed to the event anyway.
+            queues = existing
+        else:
+            queues = list(dict.fromkeys(existing + matched))
         if message_id is None:
             message_id = self._new_id()
         else:
             remember = now + self.dedupe_window
-            self._seen[message_id] = remember
+            seen[message_id] = remember
             self.store.id_remembered(message_id, remember)
         if ttl is None:
             ttl = self.default_ttl
         expires = now + ttl if ttl is not None else None
-        self._state.seq += 1
-        message = Message(message_id, event, body, self._state.seq, now, expires)
+        state.seq += 1
+        message = Message(message_id, event, body, state.seq, now, expires)
         if self.log_events:
             self._events.add(message)
         if queues:
-            self._live[message_id] = len(queues)
+            state.live[message_id] = len(queues)
             self.store.message_added(message, queues)
             for queue in queues:
                 queue.append(message)
                 if expires is not None:
                     self._watch_expiry(queue)
-                self._pump(queue)
+                if queue.with_room:
+                    self._pump(queue)
         return {"messageId": message_id, "queues": len(queues)}
+
+    def _check_room(self, queue):
+        """
+        Raise L{QueueFull} if C{queue} cannot take another message.
+        """
+        limit = self._limit(queue)
+        if len(queue) >= limit:
+            raise QueueFull(
+                f"queue ({queue.client_id}, {queue.event}) is full: "
+                f"{len(queue)} messages, the limit is {limit}"
+            )
 
     def _new_id(self):
         """
         A messageId no message has: the broker's random prefix and the next
         sequence number, skipping any a client chose for itself.
         """
-        seq = self._state.seq + 1
+        state = self._state
+        seq = state.seq + 1
         while (
             message_id := f"{self._id_prefix}{seq}"
-        ) in self._live or message_id in self._seen:
+        ) in state.live or message_id in state.seen:
             seq += 1
         return message_id
 

@@ -108,6 +108,8 @@ class Delivery:
         published by sequence number C{until}, if given); expired ones met
         on the way go to the dead letters.
         """
+        if until is None and not queue.expiring:
+            return queue.pop_ready()
         now = None
         while (entry := queue.peek_ready()) is not None:
             if until is not None and entry.message.seq > until:

@@ -169,7 +169,9 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
             answer, payload = handler(command)
             if not (always or request_id is not None):
                 return
-            if isinstance(payload, defer.Deferred):
+            # (Deferred is an abstract base class's subclass: isinstance on
+            # it is slow, and most payloads are plain dicts.)
+            if type(payload) is not dict and isinstance(payload, defer.Deferred):
                 reply = payload.addCallback(
                     lambda result: frames.reply(answer, result, request_id)
                 )
@@ -208,7 +210,7 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
         line, or a L{Deferred} firing with one: an C{ok} that goes out only
         once what it confirms is on disk, or the end of a C{getAll}.
         """
-        if not isinstance(reply, defer.Deferred):
+        if type(reply) is bytes:
             if not self._replies:
                 self._write_reply(reply)
             else:

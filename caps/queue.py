@@ -204,6 +204,13 @@ class Queue:
 
         The caller marks it in flight by setting its C{owner}.
         """
+        if not self._returned:
+            fresh = self._fresh
+            while fresh:
+                entry = fresh.popleft()
+                if not entry.removed:
+                    return entry
+            return None
         head = self._head()
         if head == "returned":
             return heapq.heappop(self._returned)[2]
