@@ -6,7 +6,9 @@ all the rest of a publish; the lines of the messages accepted in one
 reactor turn go out as one log event instead, one line each.
 """
 
+import functools
 import json
+import math
 from datetime import datetime, timezone
 
 
@@ -65,8 +67,31 @@ def line(m):
     """
     One message's log line: C{EVENT {"event": ..., "time": ..., "payload": ...}}.
     """
-    when = datetime.fromtimestamp(m.time, timezone.utc).isoformat()
     return (
-        f'EVENT {{"event": {json.dumps(m.event)}, "time": "{when}", '
+        f'EVENT {{"event": {_event_json(m.event)}, "time": "{_iso(m.time)}", '
         f'"payload": {m.payload.decode("utf-8")}}}'
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _event_json(event):
+    return json.dumps(event)
+
+
+@functools.lru_cache(maxsize=16)
+def _iso_second(second):
+    return datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _iso(seconds):
+    """
+    C{datetime.isoformat()} of a time in UTC, with its date and time worked
+    out once a second: microseconds when they are not zero, then +00:00.
+    """
+    second = math.floor(seconds)
+    micro = round((seconds - second) * 1_000_000)
+    if micro == 1_000_000:
+        second, micro = second + 1, 0
+    if micro:
+        return f"{_iso_second(second)}.{micro:06d}+00:00"
+    return f"{_iso_second(second)}+00:00"
