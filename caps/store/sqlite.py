@@ -10,7 +10,6 @@ and a batch builds up while the previous one is being synced.
 
 import errno
 import fcntl
-import itertools
 import json
 import os
 import sqlite3
@@ -24,10 +23,26 @@ from zope.interface import implementer
 
 from caps.queue import Message, Queue
 from caps.store import UNAVAILABLE, IStore, State, StoreError, StoreUnavailable
+from caps.store.batch import coalesce
+from caps.store.schema import (
+    ADD_ENTRY,
+    ADD_MESSAGE,
+    DELIVERED,
+    DROP_ENTRIES,
+    DROP_MESSAGE,
+    DROP_QUEUE,
+    FORGET_IDS,
+    MIGRATIONS,
+    MOVE_ENTRY,
+    REMEMBER_ID,
+    REMOVE_ENTRY,
+    SAVE_QUEUE,
+    SCHEMA,
+    SCHEMA_VERSION,
+)
 
 # "CAPS" in PRAGMA application_id; the schema's version in user_version.
 APPLICATION_ID = 0x43415053
-SCHEMA_VERSION = 2
 SYNC_MODES = {"full": "FULL", "normal": "NORMAL"}
 # Seconds between attempts to write after a failed write.
 RETRY_DELAY = 1.0
@@ -35,72 +50,6 @@ RETRY_DELAY = 1.0
 # FREE_PAGES_KEPT back to the file system.
 FREE_PAGES_MAX = 1024
 FREE_PAGES_KEPT = 256
-
-SCHEMA = """
-CREATE TABLE queues (
-    qid INTEGER PRIMARY KEY,
-    client_id TEXT NOT NULL,
-    event TEXT NOT NULL,
-    subscribed INTEGER NOT NULL,
-    filter TEXT,
-    max_length INTEGER,
-    UNIQUE (client_id, event)
-);
-CREATE TABLE messages (
-    seq INTEGER PRIMARY KEY,
-    id TEXT NOT NULL UNIQUE,
-    event TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    time REAL NOT NULL,
-    expires REAL
-);
-CREATE TABLE entries (
-    qid INTEGER NOT NULL,
-    seq INTEGER NOT NULL,
-    deliveries INTEGER NOT NULL,
-    dead_reason TEXT,
-    dead_time REAL,
-    PRIMARY KEY (qid, seq)
-) WITHOUT ROWID;
-CREATE TABLE dedupe (
-    id TEXT PRIMARY KEY,
-    expires REAL NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX dedupe_expires ON dedupe (expires);
-"""
-
-# From each schema version to the next, for stores written by older CAPS.
-MIGRATIONS = {
-    1: """
-    ALTER TABLE queues ADD COLUMN max_length INTEGER;
-    ALTER TABLE messages ADD COLUMN expires REAL;
-    ALTER TABLE entries ADD COLUMN dead_reason TEXT;
-    ALTER TABLE entries ADD COLUMN dead_time REAL;
-    """,
-}
-
-SAVE_QUEUE = (
-    "INSERT INTO queues (qid, client_id, event, subscribed, filter, max_length)"
-    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (qid) DO UPDATE"
-    " SET subscribed = excluded.subscribed, filter = excluded.filter,"
-    " max_length = excluded.max_length"
-)
-DROP_ENTRIES = "DELETE FROM entries WHERE qid = ?"
-DROP_QUEUE = "DELETE FROM queues WHERE qid = ?"
-ADD_MESSAGE = (
-    "INSERT INTO messages (seq, id, event, payload, time, expires)"
-    " VALUES (?, ?, ?, ?, ?, ?)"
-)
-ADD_ENTRY = "INSERT INTO entries (qid, seq, deliveries) VALUES (?, ?, 0)"
-MOVE_ENTRY = (
-    "INSERT OR REPLACE INTO entries (qid, seq, deliveries, dead_reason, dead_time)"
-    " VALUES (?, ?, ?, ?, ?)"
-)
-REMOVE_ENTRY = "DELETE FROM entries WHERE qid = ? AND seq = ?"
-DROP_MESSAGE = "DELETE FROM messages WHERE seq = ?"
-DELIVERED = "UPDATE entries SET deliveries = ? WHERE qid = ? AND seq = ?"
-REMEMBER_ID = "INSERT OR REPLACE INTO dedupe (id, expires) VALUES (?, ?)"
-FORGET_IDS = "DELETE FROM dedupe WHERE expires <= ?"
 
 
 def _lock(path):
@@ -183,8 +132,8 @@ def _write(connection, ops, now):
     """
     try:
         connection.execute("BEGIN IMMEDIATE")
-        for sql, group in itertools.groupby(ops, key=lambda op: op[0]):
-            connection.executemany(sql, [op[1] for op in group])
+        for sql, rows in coalesce(ops):
+            connection.executemany(sql, rows)
         connection.execute(FORGET_IDS, (now,))
         connection.execute("COMMIT")
     except BaseException:

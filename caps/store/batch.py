@@ -1,0 +1,121 @@
+"""
+A batch of store changes, reduced to what it leaves behind.
+
+The broker records five changes for every message it handles: the message
+and its entry are inserted, the entry's delivery count updated, then the
+entry and the message deleted.  Written one statement at a time that was
+most of the SQLite store's cost.  Within one transaction only the end
+result counts, so L{coalesce} folds each row's changes into one: a message
+published and acknowledged in the same batch is never written at all, an
+entry inserted and delivered is inserted with its count, and the rest go
+to SQLite as one C{executemany} per kind of statement.
+
+Only the statements of that hot path are folded together.  Any other
+statement (a queue saved or dropped, an entry moved to the dead letters)
+is a barrier: what came before it is written first, then it, in order.
+"""
+
+from caps.store import schema
+
+# Entry states within a run of folded changes
+_NEW = "new"  # not in the file before the run: INSERT
+_UPDATED = "updated"  # in the file: UPDATE its delivery count
+_DELETED = "deleted"  # in the file: DELETE
+
+
+def coalesce(ops):
+    """
+    Reduce a batch of changes to statements with the same end result.
+
+    @param ops: C{(sql, params)} pairs, in the order they were made, using
+        the statements of L{caps.store.schema}.
+    @return: C{(sql, rows)} pairs to run in order with C{executemany}.
+    """
+    out = []
+    run = _Run()
+    for sql, params in ops:
+        fold = run.folds.get(sql)
+        if fold is not None:
+            fold(*params)
+            continue
+        run.write(out)
+        run = _Run()
+        out.append((sql, [params]))
+    run.write(out)
+    return out
+
+
+class _Run:
+    """
+    The folded result of a run of hot-path changes.
+    """
+
+    def __init__(self):
+        # seq -> row, for messages inserted in this run
+        self.added = {}
+        self.dropped = []
+        # (qid, seq) -> [state, deliveries]
+        self.entries = {}
+        # id -> expires; the last one counts
+        self.remembered = {}
+        self.folds = {
+            schema.ADD_MESSAGE: self.add_message,
+            schema.DROP_MESSAGE: self.drop_message,
+            schema.ADD_ENTRY: self.add_entry,
+            schema.DELIVERED: self.delivered,
+            schema.REMOVE_ENTRY: self.remove_entry,
+            schema.REMEMBER_ID: self.remember,
+        }
+
+    def add_message(self, seq, *row):
+        self.added[seq] = (seq, *row)
+
+    def drop_message(self, seq):
+        if self.added.pop(seq, None) is None:
+            self.dropped.append((seq,))
+
+    def add_entry(self, qid, seq):
+        # Only at publish, for a message new in this batch.
+        self.entries[qid, seq] = [_NEW, 0]
+
+    def delivered(self, deliveries, qid, seq):
+        entry = self.entries.get((qid, seq))
+        if entry is None:
+            self.entries[qid, seq] = [_UPDATED, deliveries]
+        else:
+            entry[1] = deliveries
+
+    def remove_entry(self, qid, seq):
+        key = (qid, seq)
+        entry = self.entries.get(key)
+        if entry is not None and entry[0] == _NEW:
+            del self.entries[key]
+        else:
+            self.entries[key] = [_DELETED, None]
+
+    def remember(self, message_id, expires):
+        self.remembered[message_id] = expires
+
+    def write(self, out):
+        """
+        Append this run's statements to C{out}: inserts, updates, then
+        deletes, each kind in one C{executemany}.
+        """
+        inserted, updated, deleted = [], [], []
+        for (qid, seq), (state, deliveries) in self.entries.items():
+            if state == _DELETED:
+                deleted.append((qid, seq))
+            elif state == _UPDATED:
+                updated.append((deliveries, qid, seq))
+            else:
+                inserted.append((qid, seq, deliveries, None, None))
+        for sql, rows in (
+            (schema.ADD_MESSAGE, list(self.added.values())),
+            (schema.MOVE_ENTRY, inserted),
+            (schema.DELIVERED, updated),
+            (schema.REMOVE_ENTRY, deleted),
+            (schema.DROP_MESSAGE, self.dropped),
+            (schema.REMEMBER_ID, list(self.remembered.items())),
+        ):
+            if rows:
+                out.append((sql, rows))
