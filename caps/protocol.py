@@ -84,8 +84,12 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
             frames.Ping: (self._ping, True, False),
             frames.Publish: (self._publish, False, True),
         }
-        # Replies not written yet, in request order: [line, ready]
+        # Replies not written yet, in request order: [line, ready, id]
         self._replies = deque()
+        # The store's batch the last held reply waits for, and the replies
+        # waiting for it
+        self._durable_batch = None
+        self._durable_slots = None
         self._throttled = False
         self._abort = None
         # The transport's send buffer is full; replies written meanwhile
@@ -177,10 +181,8 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
                 )
             else:
                 reply = frames.reply(answer, payload, request_id)
-                if durable:
-                    wait = self.broker.store.flushed()
-                    if wait is not None:
-                        reply = wait.addCallback(lambda _, line=reply: line)
+                if durable and self._wait_durable(reply, request_id):
+                    reply = None
         except frames.ProtocolError as e:
             if e.request_id is None:
                 e.request_id = request_id
@@ -191,7 +193,8 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
             )
             self._reply(_internal_error(request_id))
         else:
-            self._reply(reply, request_id)
+            if reply is not None:
+                self._reply(reply, request_id)
         if self.broker.store.backlog > BACKLOG_HIGH:
             self._throttle()
 
@@ -214,9 +217,9 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
             if not self._replies:
                 self._write_reply(reply)
             else:
-                self._replies.append([reply, True])
+                self._replies.append([reply, True, request_id])
             return
-        slot = [None, False]
+        slot = [None, False, request_id]
         self._replies.append(slot)
 
         def done(result):
@@ -227,11 +230,64 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
                 else:
                     self.log.failure("failed to answer {peer}", result, peer=self.peer)
                     result = _internal_error(request_id)
-            slot[:] = [result, True]
-            while self._replies and self._replies[0][1]:
-                self._write_reply(self._replies.popleft()[0])
+            slot[:2] = [result, True]
+            self._write_ready()
 
         reply.addBoth(done)
+
+    def _wait_durable(self, line, request_id):
+        """
+        Hold a reply until the changes made so far are durable, behind
+        every earlier reply.  The replies a batch of the store's changes
+        confirms share one wait on the store.
+
+        @return: whether the reply is held (else it may go out now).
+        """
+        store = self.broker.store
+        batch = store.pending()
+        if batch is None:
+            return False
+        if batch is not self._durable_batch:
+            self._durable_batch = batch
+            self._durable_slots = []
+            store.flushed().addBoth(self._durable, self._durable_slots)
+        slot = [line, False, request_id]
+        self._durable_slots.append(slot)
+        self._replies.append(slot)
+        return True
+
+    def _durable(self, result, slots):
+        """
+        A batch of the store's changes is durable, or could not be made
+        so: the replies it held go out, as they were or as errors.
+        """
+        if isinstance(result, Failure):
+            if result.check(frames.ProtocolError):
+                e = result.value
+                self.log.info(
+                    "{peer} refused {count} frame(s): {code}: {message}",
+                    peer=self.peer,
+                    count=len(slots),
+                    code=e.code,
+                    message=e.message,
+                )
+                for slot in slots:
+                    slot[0] = frames.error(e.code, e.message, slot[2])
+            else:
+                self.log.failure("failed to answer {peer}", result, peer=self.peer)
+                for slot in slots:
+                    slot[0] = _internal_error(slot[2])
+        for slot in slots:
+            slot[1] = True
+        self._write_ready()
+
+    def _write_ready(self):
+        """
+        Write the replies at the front of the queue that are ready.
+        """
+        replies = self._replies
+        while replies and replies[0][1]:
+            self._write_reply(replies.popleft()[0])
 
     def _write_reply(self, line):
         """

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from caps.broker import Broker
 from caps.protocol import BrokerFactory
+from caps.store import UNAVAILABLE, StoreUnavailable
 from caps.store.memory import MemoryStore
 
 
@@ -519,6 +520,28 @@ class ProtocolDeliveryControlTests(SynchronousTestCase):
         self.assertEqual(client.transport.producerState, "producing")
         self.assertEqual([f["id"] for f in client.frames()], [1, 2])
 
+    def test_replies_share_a_wait_per_batch(self):
+        """The oks a store batch confirms wait for it together, go out in request order once it is durable, and become errors if it fails."""
+        store = _SlowStore()
+        self.broker = Broker(self.clock, store=store)
+        self.addCleanup(self.broker.stop)
+        self.factory = BrokerFactory(self.broker, idle_timeout=60)
+        client = self.connect()
+        client.send(b"".join(frame("pickup", {}, to="d", id=n) for n in range(5)))
+        client.send(frame("ping", {}, id="p"))
+        self.assertEqual(client.frames(), [])
+        self.assertEqual(store.waits, 1)
+        store.catch_up()
+        self.assertEqual([f["id"] for f in client.frames()], [0, 1, 2, 3, 4, "p"])
+        client.send(frame("pickup", {}, to="d", id=5))
+        client.send(frame("pickup", {}, to="d", id=6))
+        self.assertEqual(store.waits, 2)
+        store.catch_up(StoreUnavailable(UNAVAILABLE))
+        self.assertEqual(
+            [(f["event"], f["id"], f["payload"]["code"]) for f in client.frames()],
+            [("error", 5, "store-unavailable"), ("error", 6, "store-unavailable")],
+        )
+
 
 class _SlowStore(MemoryStore):
     """
@@ -530,13 +553,21 @@ class _SlowStore(MemoryStore):
     def __init__(self):
         super().__init__()
         self._waiting = []
+        self.waits = 0
+
+    def pending(self):
+        return self._waiting
 
     def flushed(self):
         d = Deferred()
         self._waiting.append(d)
+        self.waits += 1
         return d
 
-    def catch_up(self):
+    def catch_up(self, failure=None):
         waiting, self._waiting = self._waiting, []
         for d in waiting:
-            d.callback(None)
+            if failure is None:
+                d.callback(None)
+            else:
+                d.errback(failure)

@@ -113,6 +113,15 @@ class IStore(Interface):
         C{expires} (seconds since the epoch).
         """
 
+    def pending():
+        """
+        L{None} if every change recorded so far is durable already; else a
+        token for the batch that will make them durable: the same object
+        for every call until that batch is being written, when changes
+        recorded after go to a new batch.  (Replies that wait for the same
+        batch can share one L{flushed} wait.)
+        """
+
     def flushed():
         """
         L{None} if every change recorded so far is durable already; else a

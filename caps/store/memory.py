@@ -49,6 +49,9 @@ class MemoryStore:
     def id_remembered(self, message_id, expires):
         pass
 
+    def pending(self):
+        return None
+
     def flushed(self):
         return None
 

@@ -317,6 +317,13 @@ class SQLiteStore:
         writing = len(self._writing[0]) if self._writing is not None else 0
         return len(self._ops) + writing
 
+    def pending(self):
+        if self._ops:
+            return self._waiters
+        if self._writing is not None:
+            return self._writing[1]
+        return None
+
     def flushed(self):
         if self._ops:
             waiters = self._waiters
