@@ -1,50 +1,308 @@
 """
-A smoke run of the benchmark, to keep it working: small numbers, real
-processes.  The figures themselves are not checked: benchmarks are not
-timed tests.
+The benchmark: a smoke run to keep it working (small numbers, real
+processes; the figures themselves are not checked, since benchmarks are
+not timed tests), and its parts that need no processes.
 """
 
+import io
 import json
 import os
 import subprocess
 import sys
 import tempfile
 
+from twisted.internet.testing import StringTransport
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
+from caps import bench
+from caps.bench import load as benchload
+from caps.bench import report as benchreport
+from caps.relay import FastRelay, Relay, RelayFactory
 
-class BenchTests(SynchronousTestCase):
-    def run_bench(self, *args):
-        scratch = tempfile.TemporaryDirectory(prefix="caps-bench-test-")
-        self.addCleanup(scratch.cleanup)
-        out = os.path.join(scratch.name, "bench.json")
-        result = subprocess.run(
-            [sys.executable, "-m", "caps.bench", "--json", out, *args],
-            capture_output=True,
-            timeout=120,
+try:
+    import orjson  # noqa: F401
+except ImportError:
+    HAVE_ORJSON = False
+else:
+    HAVE_ORJSON = True
+
+STORES = ["relay", "relay-fast", "memory", "memory-no-event-log"]
+STORES += ["sqlite-full", "sqlite-normal"]
+if not HAVE_ORJSON:
+    STORES.remove("relay-fast")
+
+
+def run_bench(case, *args):
+    """
+    Run C{python -m caps.bench --json FILE *args} for C{case}; its
+    standard output and the JSON it wrote.
+    """
+    scratch = tempfile.TemporaryDirectory(prefix="caps-bench-test-")
+    case.addCleanup(scratch.cleanup)
+    out = os.path.join(scratch.name, "bench.json")
+    result = subprocess.run(
+        [sys.executable, "-m", "caps.bench", "--json", out, *args],
+        capture_output=True,
+        timeout=300,
+        cwd=scratch.name,
+    )
+    case.assertEqual(result.returncode, 0, result.stderr.decode())
+    with open(out) as f:
+        return result.stdout.decode(), json.load(f), scratch.name
+
+
+class BenchSmokeTests(SynchronousTestCase):
+    def test_quick_run(self):
+        """A quick run measures every section for the relays and every store, with a JSON report and a PNG chart."""
+        text, report, scratch = run_bench(
+            self, "--quick", "--scaling", "--chart", "chart.png"
         )
-        self.assertEqual(result.returncode, 0, result.stderr.decode())
-        with open(out) as f:
-            return result.stdout.decode(), json.load(f)
-
-    def test_throughput_smoke(self):
-        """The relay and every store run, and each row reports the figures the docs quote."""
-        text, rows = self.run_bench("--messages", "3000", "--window", "100")
         self.assertEqual(
-            [r["store"] for r in rows],
-            ["relay", "memory", "memory-no-event-log", "sqlite-full", "sqlite-normal"],
+            set(report),
+            {"machine", "settings", "notes", *bench.SECTIONS, "scaling"},
         )
-        # The relay is the floor the others are compared with.
-        self.assertEqual(rows[0].get("cpu_vs_relay", 1.0), 1.0)
-        for row in rows:
-            self.assertEqual(row["messages"], 3000)
-            for key in ("msgs_per_s", "confirm_ms_p99"):
+        self.assertEqual(report["machine"]["cpus"], os.cpu_count())
+        for section in bench.SECTIONS:
+            self.assertEqual([r["store"] for r in report[section]], STORES, section)
+        relays = [r for r in report["throughput"] if r["store"] in bench.RELAYS]
+        self.assertEqual(min(r["cpu_vs_relay"] for r in relays), 1.0)
+        self.assertEqual(max(r["throughput_vs_relay"] for r in relays), 1.0)
+        for row in report["throughput"]:
+            self.assertEqual(row["messages"], bench.QUICK["messages"])
+            for key in ("msgs_per_s", "broker_cpu_us_per_msg", "cpu_vs_relay"):
                 self.assertGreater(row[key], 0, row)
-            self.assertGreaterEqual(row["broker_cpu_us_per_msg"], 0)
-        self.assertIn("broker_cpu_us_per_msg", text)
+        for row in report["latency"]:
+            figures = [row[k] for k in ("p50_ms", "p90_ms", "p99_ms", "p99_9_ms")]
+            self.assertEqual(figures, sorted(figures), row)
+            self.assertGreater(figures[0], 0, row)
+            self.assertGreaterEqual(row["max_ms"], figures[-1], row)
+            self.assertGreater(row["confirm_p99_ms"], 0, row)
+        for row in report["drain"]:
+            if row["store"] in bench.RELAYS:
+                self.assertIsNone(row["drain_msgs_per_s"])
+            else:
+                self.assertGreater(row["drain_msgs_per_s"], 0, row)
+                self.assertGreater(row["publish_msgs_per_s"], 0, row)
+                self.assertIsInstance(row["bytes_per_queued_msg"], float)
+        for row in report["connections"]:
+            self.assertEqual(row["connections"], bench.QUICK["connections"])
+            self.assertGreater(row["bytes_per_connection"], 0, row)
+        self.assertEqual(
+            [r["messages"] for r in report["scaling"]],
+            list(bench.QUICK["scaling-sizes"]),
+        )
+        for row in report["scaling"]:
+            self.assertGreater(row["peak_rss_mb"], 0, row)
+        with open(os.path.join(scratch, "chart.png"), "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+        for title in ("Throughput", "Latency", "Catch-up", "Connections", "Scaling"):
+            self.assertIn(title, text)
+        self.assertIn("broker CPU µs/msg", text)
 
     def test_stall_smoke(self):
         """The stall run compares the writer thread with commits on the reactor."""
-        _, rows = self.run_bench("--stall", "--messages", "2000")
+        _, rows, _ = run_bench(self, "--stall", "--messages", "2000")
         self.assertEqual([r["writer"] for r in rows], ["thread", "reactor"])
         self.assertEqual({r["messages"] for r in rows}, {2000})
+
+
+class OptionsTests(SynchronousTestCase):
+    def settings(self, *argv, fd_limit=20_000, orjson_present=True):
+        options = bench.Options()
+        options.parseOptions(argv)
+        return bench.settings_from(options, fd_limit, orjson_present)
+
+    def test_defaults(self):
+        """Without options every store runs, with the issue's numbers."""
+        settings, notes = self.settings()
+        self.assertEqual(settings["stores"], list(bench.STORES))
+        self.assertEqual(settings["messages"], 50_000)
+        self.assertEqual(settings["connections"], 10_000)
+        self.assertEqual(settings["scaling_sizes"], [])
+        self.assertEqual(notes, [])
+
+    def test_store_subset(self):
+        """--store takes comma lists and repeats, keeps the table's order, and always keeps the relays."""
+        settings, _ = self.settings("--store", "sqlite-full,memory", "-s", "memory")
+        self.assertEqual(
+            settings["stores"], ["relay", "relay-fast", "memory", "sqlite-full"]
+        )
+
+    def test_unknown_store(self):
+        """An unknown store name is a usage error."""
+        self.assertRaises(usage.UsageError, self.settings, "--store", "redis")
+
+    def test_scaling_sizes(self):
+        """--scaling-sizes is a comma list of positive counts, used with --scaling."""
+        settings, _ = self.settings("--scaling", "--scaling-sizes", "10,20")
+        self.assertEqual(settings["scaling_sizes"], [10, 20])
+        self.assertRaises(usage.UsageError, self.settings, "--scaling-sizes", "10,x")
+
+    def test_too_few_file_descriptors(self):
+        """With too low a file limit fewer connections are opened, and a note says so."""
+        settings, notes = self.settings("--connections", "5000", fd_limit=1024)
+        self.assertEqual(settings["connections"], 1024 - bench.FD_SPARE)
+        self.assertEqual(settings["connections_requested"], 5000)
+        self.assertIn("lowered from 5,000 to 960", notes[0])
+
+    def test_without_orjson(self):
+        """Without orjson the fast relay is left out, and a note says so."""
+        settings, notes = self.settings(orjson_present=False)
+        self.assertNotIn("relay-fast", settings["stores"])
+        self.assertIn("orjson", notes[0])
+
+
+class ReportTests(SynchronousTestCase):
+    def test_percentile(self):
+        """Percentiles are nearest-rank: p50 of 1..10 is 5, p99 is 10."""
+        values = list(range(10, 0, -1))
+        self.assertEqual(benchreport.percentile(values, 0.5), 5)
+        self.assertEqual(benchreport.percentile(values, 0.99), 10)
+        self.assertEqual(benchreport.percentile(values, 0.0), 1)
+
+    def test_ratios_to_the_fastest_relay(self):
+        """Each row is compared with the lowest relay CPU and the highest relay throughput."""
+        rows = [
+            {"store": "relay", "broker_cpu_us_per_msg": 20.0, "msgs_per_s": 40.0},
+            {"store": "relay-fast", "broker_cpu_us_per_msg": 5.0, "msgs_per_s": 100.0},
+            {"store": "memory", "broker_cpu_us_per_msg": 10.0, "msgs_per_s": 50.0},
+        ]
+        benchreport.add_ratios(rows, bench.RELAYS)
+        self.assertEqual([r["cpu_vs_relay"] for r in rows], [4.0, 1.0, 2.0])
+        self.assertEqual([r["throughput_vs_relay"] for r in rows], [0.4, 1.0, 0.5])
+
+    def test_no_ratio_without_relay_cpu(self):
+        """A relay that showed no CPU time gives no ratio rather than a division by zero."""
+        rows = [
+            {"store": "relay", "broker_cpu_us_per_msg": 0.0, "msgs_per_s": 40.0},
+            {"store": "memory", "broker_cpu_us_per_msg": 10.0, "msgs_per_s": 50.0},
+        ]
+        benchreport.add_ratios(rows, bench.RELAYS)
+        self.assertIsNone(rows[1]["cpu_vs_relay"])
+        self.assertEqual(rows[1]["throughput_vs_relay"], 1.25)
+
+    def test_median_of_runs(self):
+        """Several runs merge into the median of each figure per store; missing figures stay missing."""
+        runs = [
+            [{"store": "memory", "msgs_per_s": v, "drain": None}] for v in (3, 1, 2)
+        ]
+        self.assertEqual(
+            benchreport.median_rows(runs),
+            [{"store": "memory", "msgs_per_s": 2, "drain": None}],
+        )
+
+    def test_table(self):
+        """The table aligns names left and figures right, with a dash for a missing figure."""
+        rows = [{"store": "relay", "x": 1234.5}, {"store": "memory-x", "x": None}]
+        text = benchreport.table(
+            rows, [("store", "store", None), ("x/s", "x", "{:,.0f}")]
+        )
+        self.assertEqual(
+            text.splitlines(),
+            ["store       x/s", "relay     1,234", "memory-x      -"],
+        )
+
+    def test_progress_on_a_log(self):
+        """Off a terminal the progress bar writes one line per step."""
+        stream = io.StringIO()
+        progress = benchreport.Progress(2, stream=stream, width=4, clock=lambda: 0)
+        progress.step("relay: throughput")
+        progress.step("relay: latency")
+        progress.finish()
+        self.assertEqual(
+            stream.getvalue().splitlines(),
+            [
+                "[....] 0/2 0:00 relay: throughput",
+                "[##..] 1/2 0:00 relay: latency",
+                "[####] 2/2 0:00 done",
+            ],
+        )
+
+    def test_progress_on_a_terminal(self):
+        """On a terminal the progress bar redraws one line, and ends it when done."""
+
+        class Terminal(io.StringIO):
+            def isatty(self):
+                return True
+
+        stream = Terminal()
+        progress = benchreport.Progress(1, stream=stream, width=4, clock=lambda: 0)
+        progress.step("memory: latency")
+        progress.finish()
+        self.assertNotIn("\n", stream.getvalue()[:-1])
+        self.assertEqual(stream.getvalue().count("\r"), 2)
+        self.assertTrue(stream.getvalue().endswith("\n"))
+
+
+class LoadTests(SynchronousTestCase):
+    def test_publish_frame(self):
+        """A publish is one JSON line addressed to the bench queue, of about 200 bytes, with its send time."""
+        line = benchload.PUBLISH % (7, 123456789)
+        frame = json.loads(line)
+        self.assertEqual(frame["id"], 7)
+        self.assertEqual(frame["to"], "bench")
+        self.assertEqual(frame["payload"]["sent"], 123456789)
+        self.assertTrue(180 <= len(json.dumps(frame["payload"])) <= 240)
+
+    def test_broker_error(self):
+        """An error frame from the broker stops the client with the broker's words."""
+        error = b'{"event":"error","payload":{"code":"queue-full"},"id":3}\n'
+        with self.assertRaises(RuntimeError) as raised:
+            benchload.check(error[:12], b"")
+            benchload.check(error[12:], error[:12])
+        self.assertIn("queue-full", str(raised.exception))
+
+    def test_client_failure(self):
+        """A client process that fails is reported with its traceback, and ends."""
+        client = benchload.Client(_fail)
+        self.addCleanup(client.stop)
+        with self.assertRaises(RuntimeError) as raised:
+            client.expect("ready", timeout=30)
+        self.assertIn("ZeroDivisionError", str(raised.exception))
+        client.stop()
+        self.assertFalse(client.process.is_alive())
+
+
+def _fail(pipe):
+    raise ZeroDivisionError("a client that fails")
+
+
+class RelayTests(SynchronousTestCase):
+    def relay(self, fast):
+        factory = RelayFactory(fast=fast)
+        consumer = factory.buildProtocol(None)
+        producer = factory.buildProtocol(None)
+        for protocol in (consumer, producer):
+            protocol.makeConnection(StringTransport())
+        return consumer, producer
+
+    def check_relay(self, fast, kind):
+        consumer, producer = self.relay(fast)
+        self.assertIsInstance(consumer, kind)
+        consumer.dataReceived(
+            b'{"event":"subscribe","id":0,"payload":{"clientId":"b","event":"e"}}\n'
+        )
+        producer.dataReceived(b'{"event":"e","to":"b","id":5,"payload":{"n":1}}\n')
+        producer.dataReceived(b'{"event":"ping","id":"x"}\n')
+        replies = [json.loads(x) for x in producer.transport.value().splitlines()]
+        self.assertEqual(
+            replies,
+            [
+                {"event": "ok", "payload": {"messageId": "1", "queues": 1}, "id": 5},
+                {"event": "pong", "payload": {}, "id": "x"},
+            ],
+        )
+        lines = consumer.transport.value().splitlines()
+        self.assertEqual(json.loads(lines[1])["payload"], {"n": 1})
+        self.assertEqual(json.loads(lines[1])["messageId"], "1")
+
+    def test_relay(self):
+        """The relay answers a publish and delivers it to the subscriber."""
+        self.check_relay(False, Relay)
+
+    def test_fast_relay(self):
+        """The fast relay does the same with orjson and LineOnlyReceiver."""
+        if not HAVE_ORJSON:
+            raise self.skipTest("orjson is not installed")
+        self.check_relay(True, FastRelay)
