@@ -72,18 +72,6 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
         # One more byte for the optional "\r" before the "\n".
         self.MAX_LENGTH = self.max_line + 1
         self.peer = self.transport.getPeer()
-        # command type -> (handler, whether to answer a frame without id,
-        # whether the answer waits until the change is durable)
-        self._handlers = {
-            frames.Subscribe: (self._subscribe, False, True),
-            frames.Unsubscribe: (self._unsubscribe, False, True),
-            frames.GetAll: (self._get_all, True, False),
-            frames.Received: (self._received, False, True),
-            frames.Nack: (self._nack, False, True),
-            frames.Requeue: (self._requeue, False, True),
-            frames.Ping: (self._ping, True, False),
-            frames.Publish: (self._publish, False, True),
-        }
         # Replies not written yet, in request order: [line, ready, id]
         self._replies = deque()
         # The store's batch the last held reply waits for, and the replies
@@ -169,8 +157,8 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
         request_id = None
         try:
             request_id, command = frames.parse_line(line)
-            handler, always, durable = self._handlers[type(command)]
-            answer, payload = handler(command)
+            handler, always, durable = _HANDLERS[type(command)]
+            answer, payload = handler(self, command)
             if not (always or request_id is not None):
                 return
             # (Deferred is an abstract base class's subclass: isinstance on
@@ -399,6 +387,20 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
             parts.append(frames.encode_json({"reason": reason, "time": _iso(died)}))
         parts.append(b"}\n")
         self.transport.write(b"".join(parts))
+
+
+# command type -> (handler, whether to answer a frame without id, whether
+# the answer waits until the change is durable)
+_HANDLERS = {
+    frames.Subscribe: (BrokerProtocol._subscribe, False, True),
+    frames.Unsubscribe: (BrokerProtocol._unsubscribe, False, True),
+    frames.GetAll: (BrokerProtocol._get_all, True, False),
+    frames.Received: (BrokerProtocol._received, False, True),
+    frames.Nack: (BrokerProtocol._nack, False, True),
+    frames.Requeue: (BrokerProtocol._requeue, False, True),
+    frames.Ping: (BrokerProtocol._ping, True, False),
+    frames.Publish: (BrokerProtocol._publish, False, True),
+}
 
 
 def _iso(seconds):
