@@ -151,7 +151,7 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
         if len(line) > self.max_line:
             self.lineLengthExceeded(line)
             return
-        if not line.strip():
+        if not line or line.isspace():
             # Blank lines are ignored: people type them in telnet.
             return
         request_id = None

@@ -134,7 +134,7 @@ class Queue:
         Add a message at the end: newly published, or loaded from a store
         with the number of times it was sent before.
         """
-        entry = Entry(message, self, deliveries=deliveries)
+        entry = Entry(message, self, None, None, deliveries)
         self._entries[message.id] = entry
         self._fresh.append(entry)
         if message.expires is not None:
