@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from caps.delivery import Delivery
 from caps.eventlog import EventLog
 from caps.frames import DEAD_SUFFIX, ProtocolError
+from caps.paging import Paging
 from caps.queue import Message, Queue
 from caps.routing import SubscriptionIndex
 from caps.sessions import Catchup, Consumer, IConnection, Session
@@ -39,7 +40,7 @@ class QueueFull(ProtocolError):
 
 
 @attrs.define(eq=False)
-class Broker(Delivery):
+class Broker(Delivery, Paging):
     """
     Routes published messages to queues and queues to consumers.
 
@@ -291,6 +292,10 @@ class Broker(Delivery):
             if entry.owner is not None:
                 self._take_back(entry)
             self._release(entry.message)
+        # getAlls waiting for its tail to be read back end here.
+        waiting, queue.waiting = queue.waiting, {}
+        for session in waiting:
+            self._continue_catchups(session)
 
     def get_all(self, connection, client_id, event):
         """
@@ -319,13 +324,19 @@ class Broker(Delivery):
     def _continue_catchups(self, session):
         while session.catchups and not session.paused:
             catchup = session.catchups[0]
+            queue = catchup.queue
             while not session.paused:
-                entry = self._next_ready(catchup.queue, catchup.until)
+                entry = self._next_ready(queue, catchup.until)
                 if entry is None:
                     break
                 self._send(session, entry, None)
                 catchup.count += 1
             if session.paused:
+                return
+            if queue.spilled and queue.last_seq < catchup.until:
+                # The rest it covers is still in the store.
+                queue.waiting[session] = None
+                self._refill(queue)
                 return
             session.catchups.popleft()
             catchup.done(catchup.count)
@@ -337,24 +348,37 @@ class Broker(Delivery):
         """
         if not self.store.available:
             raise StoreUnavailable(UNAVAILABLE)
-        queue = self._state.queues.get((client_id, event))
+        queues = self._state.queues
+        queue = queues.get((client_id, event))
         entry = queue.remove(message_id) if queue is not None else None
         if entry is None and not event.endswith(DEAD_SUFFIX):
             # Acknowledged late, after it died: it was handled after all.
-            queue = self._queues.get((client_id, event + DEAD_SUFFIX))
-            entry = queue.remove(message_id) if queue is not None else None
-        if entry is not None:
-            if entry.owner is not None:
-                self._take_back(entry)
-            self.store.entry_removed(queue, entry.message)
-            self._release(entry.message)
-            self._pump(queue)
-        return {
+            dead = queues.get((client_id, event + DEAD_SUFFIX))
+            entry = dead.remove(message_id) if dead is not None else None
+            if entry is not None:
+                queue = dead
+        answer = {
             "clientId": client_id,
             "event": event,
             "messageId": message_id,
             "deleted": entry is not None,
         }
+        if entry is not None:
+            self._removed(queue, entry)
+        elif queue is not None and queue.spilled:
+            # Perhaps one of the messages only the store has.
+            return self._remove_spilled(queue, message_id, answer)
+        return answer
+
+    def _removed(self, queue, entry):
+        """
+        An entry was removed from C{queue}'s memory: acknowledged.
+        """
+        if entry.owner is not None:
+            self._take_back(entry)
+        self.store.entry_removed(queue, entry.message)
+        self._release(entry.message)
+        self._pump(queue)
 
     # Publishing
 
@@ -415,14 +439,22 @@ class Broker(Delivery):
         if self.log_events:
             self._events.add(message)
         if queues:
-            state.live[message_id] = len(queues)
             self.store.message_added(message, queues)
+            window = self.store.window
+            held = 0
             for queue in queues:
+                if queue.spilled or (window is not None and queue.in_memory >= window):
+                    # Its tail is in the store only; read back as it drains.
+                    queue.spilled += 1
+                    continue
+                held += 1
                 queue.append(message)
                 if expires is not None:
                     self._watch_expiry(queue)
                 if queue.with_room:
                     self._pump(queue)
+            if held:
+                state.live[message_id] = held
         return {"messageId": message_id, "queues": len(queues)}
 
     def _check_room(self, queue):
@@ -458,9 +490,11 @@ class Broker(Delivery):
             del seen[message_id]
 
     def _release(self, message):
+        """
+        A queue no longer holds C{message} in memory.
+        """
         count = self._live[message.id] - 1
         if count:
             self._live[message.id] = count
         else:
             del self._live[message.id]
-            self.store.message_dropped(message)

@@ -98,9 +98,11 @@ class Delivery:
                 continue
             entry = self._next_ready(queue)
             if entry is None:
-                return
+                break
             with_room.rotate(-1)
             self._send(consumer.session, entry, consumer)
+        if queue.spilled:
+            self._refill(queue)
 
     def _next_ready(self, queue, until=None):
         """

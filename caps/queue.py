@@ -85,6 +85,13 @@ class Queue:
     @ivar consumers: the L{caps.sessions.Consumer}s of this queue.
     @ivar with_room: consumers that can take another message, in
         round-robin order (some may have filled up since; they are skipped).
+    @ivar spilled: how many of its messages are in the store only (its
+        tail, when it grew past the store's window), all published after
+        C{last_seq}.
+    @ivar last_seq: the sequence number of the last message appended.
+    @ivar loading: its tail is being read back from the store.
+    @ivar gone: sequence numbers above C{last_seq} removed while loading,
+        which the load may still bring back.
     """
 
     client_id: str
@@ -97,6 +104,12 @@ class Queue:
     with_room: deque = attrs.Factory(deque)
     # How many of its messages can expire
     expiring: int = 0
+    spilled: int = 0
+    last_seq: int = 0
+    loading: bool = False
+    gone: set = attrs.Factory(set)
+    # Sessions whose getAll waits for its tail to be read back
+    waiting: dict = attrs.Factory(dict)
     _entries: dict = attrs.Factory(dict)
     _fresh: deque = attrs.Factory(deque)
     _returned: list = attrs.Factory(list)
@@ -122,9 +135,25 @@ class Queue:
 
     def __len__(self):
         """
-        How many messages the queue holds, ready or in flight.
+        How many messages the queue holds, ready or in flight, in memory
+        or in the store only.
+        """
+        return len(self._entries) + self.spilled
+
+    @property
+    def in_memory(self):
+        """
+        How many of its messages are in memory.
         """
         return len(self._entries)
+
+    @property
+    def ready_in_memory(self):
+        """
+        About how many fresh messages are ready in memory (an upper bound:
+        acknowledged ones may still be counted).
+        """
+        return len(self._fresh)
 
     def __contains__(self, message_id):
         return message_id in self._entries
@@ -137,6 +166,7 @@ class Queue:
         entry = Entry(message, self, None, None, deliveries)
         self._entries[message.id] = entry
         self._fresh.append(entry)
+        self.last_seq = message.seq
         if message.expires is not None:
             self.expiring += 1
         return entry
@@ -242,6 +272,8 @@ class Queue:
         entry = self._entries.pop(message_id, None)
         if entry is not None:
             entry.removed = True
+            if self.loading and entry.message.seq > self.last_seq:
+                self.gone.add(entry.message.seq)
             if entry.message.expires is not None:
                 self.expiring -= 1
             if not self._entries:
@@ -262,4 +294,5 @@ class Queue:
         self._fresh.clear()
         self._returned.clear()
         self.expiring = 0
+        self.spilled = 0
         return entries

@@ -12,7 +12,7 @@ from caps.broker import ACK_TIMEOUT, MAX_DELIVERIES, MAX_QUEUE, PREFETCH, Broker
 from caps.options import positive_int, seconds
 from caps.protocol import DEFAULT_MAX_LINE, IDLE_TIMEOUT, BrokerFactory
 from caps.store import open_store
-from caps.store.sqlite import SYNC_MODES
+from caps.store.sqlite import SYNC_MODES, WINDOW
 
 DEFAULT_LISTEN = "tcp:3000:interface=127.0.0.1"
 DEFAULT_STORE = "sqlite:caps.sqlite3"
@@ -54,6 +54,14 @@ class Options(usage.Options):
             "With sqlite: full syncs every commit to disk, so nothing confirmed "
             "is lost even on power loss; normal survives a crash of the broker "
             "but not of the machine.",
+        ],
+        [
+            "queue-window",
+            None,
+            WINDOW,
+            "With sqlite: messages of each queue kept in memory; the rest of a "
+            "longer queue waits on disk and is read back as the queue drains.",
+            positive_int,
         ],
         [
             "ack-timeout",
@@ -225,7 +233,9 @@ def makeService(options, reactor=None):
     """
     if reactor is None:
         from twisted.internet import reactor
-    store = open_store(options["store"], reactor, sync=options["sync"])
+    store = open_store(
+        options["store"], reactor, sync=options["sync"], window=options["queue-window"]
+    )
     broker = Broker(
         clock=reactor,
         store=store,

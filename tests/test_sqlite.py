@@ -96,7 +96,7 @@ class GroupCommitTests(_Files, SynchronousTestCase):
         self.writes.release()
         [ok] = self.frames(transport)
         self.assertEqual((ok["event"], ok["id"], ok["payload"]["queues"]), ("ok", 1, 1))
-        count = sqlite3.connect(self.path).execute("SELECT count(*) FROM messages")
+        count = sqlite3.connect(self.path).execute("SELECT count(*) FROM entries")
         self.assertEqual(count.fetchone()[0], 1)
 
     def test_replies_in_order(self):
@@ -212,7 +212,7 @@ class FailureTests(_Files, SynchronousTestCase):
         ids = [
             r[0]
             for r in sqlite3.connect(self.path).execute(
-                "SELECT id FROM messages ORDER BY seq"
+                "SELECT id FROM entries ORDER BY seq"
             )
         ]
         self.assertEqual(ids, [f"m{n}" for n in range(6)])
@@ -249,7 +249,7 @@ class HousekeepingTests(_Files, SynchronousTestCase):
         self.clock.advance(0)
         self.assertTrue(store.available)
         ids = [
-            r[0] for r in sqlite3.connect(self.path).execute("SELECT id FROM messages")
+            r[0] for r in sqlite3.connect(self.path).execute("SELECT id FROM entries")
         ]
         self.assertEqual(ids, ["m1", "m2"])
 
@@ -272,7 +272,7 @@ class OpenTests(_Files, SynchronousTestCase):
         self.open()
         db = sqlite3.connect(self.path)
         self.assertEqual(db.execute("PRAGMA application_id").fetchone()[0], 0x43415053)
-        self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 2)
+        self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 3)
         self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
         self.assertEqual(db.execute("PRAGMA auto_vacuum").fetchone()[0], 2)
 
@@ -296,7 +296,7 @@ class OpenTests(_Files, SynchronousTestCase):
         db = sqlite3.connect(self.path)
         db.execute("PRAGMA user_version = 7")
         db.close()
-        self.assertRefused(self.path, "newer CAPS", "schema 7", "schema 2")
+        self.assertRefused(self.path, "newer CAPS", "schema 7", "schema 3")
 
     def test_not_a_database(self):
         """A file that is not SQLite is refused."""
@@ -353,7 +353,73 @@ class MigrationTests(_Files, SynchronousTestCase):
             (entry.message.id, entry.deliveries, entry.dead), ("d1", 2, None)
         )
         db = sqlite3.connect(self.path)
-        self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 2)
+        self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 3)
+
+    def test_schema_2(self):
+        """A store written by CAPS 0.3 (schema 2: messages apart from entries) keeps every message in every queue."""
+        db = sqlite3.connect(self.path)
+        db.executescript(SCHEMA_2)
+        db.close()
+        broker = Broker(self.clock, store=self.open())
+        self.addCleanup(broker.stop)
+        self.assertEqual(broker._state.seq, 3)
+        rows = {
+            key: sorted(
+                (e.message.seq, e.message.id, e.message.payload, e.deliveries, e.dead)
+                for e in broker.queue(*key).entries()
+            )
+            for key in [
+                ("acme", "delivered"),
+                ("log", "delivered"),
+                ("acme", "delivered.dead"),
+            ]
+        }
+        self.assertEqual(
+            rows,
+            {
+                ("acme", "delivered"): [(1, "d1", b'{"n":1}', 2, None)],
+                ("log", "delivered"): [
+                    (1, "d1", b'{"n":1}', 0, None),
+                    (3, "d3", b'{"n":3}', 0, None),
+                ],
+                ("acme", "delivered.dead"): [
+                    (2, "d2", b'{"n":2}', 20, ("max-deliveries", 1700000100.0))
+                ],
+            },
+        )
+        db = sqlite3.connect(self.path)
+        self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 3)
+        tables = {
+            r[0]
+            for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        self.assertEqual(tables, {"queues", "entries", "dedupe"})
+
+
+SCHEMA_2 = """
+CREATE TABLE queues (qid INTEGER PRIMARY KEY, client_id TEXT NOT NULL,
+    event TEXT NOT NULL, subscribed INTEGER NOT NULL, filter TEXT,
+    max_length INTEGER, UNIQUE (client_id, event));
+CREATE TABLE messages (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE,
+    event TEXT NOT NULL, payload BLOB NOT NULL, time REAL NOT NULL, expires REAL);
+CREATE TABLE entries (qid INTEGER NOT NULL, seq INTEGER NOT NULL,
+    deliveries INTEGER NOT NULL, dead_reason TEXT, dead_time REAL,
+    PRIMARY KEY (qid, seq)) WITHOUT ROWID;
+CREATE TABLE dedupe (id TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX dedupe_expires ON dedupe (expires);
+INSERT INTO queues VALUES (1, 'acme', 'delivered', 1, NULL, NULL);
+INSERT INTO queues VALUES (2, 'log', 'delivered', 1, NULL, NULL);
+INSERT INTO queues VALUES (3, 'acme', 'delivered.dead', 0, NULL, NULL);
+INSERT INTO messages VALUES (1, 'd1', 'delivered', CAST('{"n":1}' AS BLOB), 1700000000.0, NULL);
+INSERT INTO messages VALUES (2, 'd2', 'delivered', CAST('{"n":2}' AS BLOB), 1700000001.0, NULL);
+INSERT INTO messages VALUES (3, 'd3', 'delivered', CAST('{"n":3}' AS BLOB), 1700000002.0, NULL);
+INSERT INTO entries VALUES (1, 1, 2, NULL, NULL);
+INSERT INTO entries VALUES (2, 1, 0, NULL, NULL);
+INSERT INTO entries VALUES (3, 2, 20, 'max-deliveries', 1700000100.0);
+INSERT INTO entries VALUES (2, 3, 0, NULL, NULL);
+PRAGMA application_id = 1128353875;
+PRAGMA user_version = 2;
+"""
 
 
 class SizeTests(_Files, SynchronousTestCase):
@@ -421,12 +487,20 @@ class BacklogTests(_Files, SynchronousTestCase):
                 self.clock.advance(0)
         self.clock.advance(0)
         self.successResultOf(store.close())
-        broker = Broker(self.clock, store=self.open())
+        store = self.open()
+        broker = Broker(self.clock, store=store)
+        # Only the store's window of it is in memory after the restart.
+        queue = broker.queue("q", "e")
+        self.assertEqual((queue.in_memory, len(queue)), (store.window, 100_000))
         sink = _Counting()
         broker.connect(sink)
-        self.assertEqual(
-            self.successResultOf(broker.get_all(sink, "q", "e"))["count"], 100_000
-        )
+        done = broker.get_all(sink, "q", "e")
+        # The rest is read back as it goes, a reactor turn at a time.
+        for _ in range(1000):
+            if done.called:
+                break
+            self.clock.advance(0)
+        self.assertEqual(self.successResultOf(done)["count"], 100_000)
         self.assertEqual(sink.ns, list(range(100_000)))
 
 

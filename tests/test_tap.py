@@ -3,9 +3,12 @@ Tests for caps.tap (the twistd options and service) and the plugin that
 points twistd at it.
 """
 
+import os
+import tempfile
+
 from twisted.application.service import IServiceMaker
 from twisted.internet.error import CannotListenError
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -44,6 +47,12 @@ class OptionsTests(SynchronousTestCase):
         for bad in ("mongodb", "sqlite", "sqlite:", "memory:x"):
             e = self.assertRaises(usage.UsageError, self.parse, "--store", bad)
             self.assertIn("memory or sqlite:PATH", str(e))
+
+    def test_queue_window(self):
+        """--queue-window sets how much of each queue the SQLite store keeps in memory."""
+        self.assertEqual(self.parse()["queue-window"], 10_000)
+        self.assertEqual(self.parse("--queue-window", "50")["queue-window"], 50)
+        self.assertRaises(usage.UsageError, self.parse, "--queue-window", "0")
 
     def test_sync(self):
         """--sync takes full or normal and nothing else."""
@@ -122,6 +131,18 @@ class ServiceTests(SynchronousTestCase):
             ),
             (5.0, 7, 3, 100, 60.0, False),
         )
+
+    def test_queue_window_reaches_the_store(self):
+        """--queue-window reaches the SQLite store the broker runs on."""
+        scratch = tempfile.TemporaryDirectory(prefix="caps-tap-")
+        self.addCleanup(scratch.cleanup)
+        path = os.path.join(scratch.name, "caps.sqlite3")
+        service = self.make(
+            MemoryReactorClock(), "--store", f"sqlite:{path}", "--queue-window", "50"
+        )
+        [store_service, listener] = list(service)
+        self.addCleanup(lambda: store_service.broker.store.close())
+        self.assertEqual(store_service.broker.store.window, 50)
 
     def test_cannot_listen(self):
         """A port that cannot be had stops the start with a one-line reason, not a traceback."""

@@ -40,7 +40,7 @@ class State:
     The broker's durable state, as a store hands it over.
 
     @ivar queues: (clientId, event) -> L{caps.queue.Queue}, with messages.
-    @ivar live: messageId -> how many queues hold that message.
+    @ivar live: messageId -> how many queues hold that message in memory.
     @ivar seen: client-given messageId -> when it may be forgotten, in that
         order.
     @ivar seq: the last message sequence number used.
@@ -62,6 +62,11 @@ class IStore(Interface):
     """
 
     available = Attribute("False while the store is failing to write.")
+    window = Attribute(
+        "How many messages of each queue the broker keeps in memory, the "
+        "rest waiting in the store (read back with load_entries); None for "
+        "all of them."
+    )
     backlog = Attribute("How many changes are waiting to be made durable.")
 
     def load():
@@ -97,14 +102,27 @@ class IStore(Interface):
         requeue), with C{entry.deliveries} and C{entry.dead}.
         """
 
-    def message_dropped(message):
-        """
-        A message left its last queue.
-        """
-
     def delivered(entry):
         """
         An entry was sent to a consumer: C{entry.deliveries} is its new count.
+        """
+
+    def load_entries(queue, after, limit):
+        """
+        Read back up to C{limit} messages of C{queue} with sequence numbers
+        above C{after}, in order, once every change recorded so far is
+        durable.
+
+        @return: a L{Deferred} firing with a list of C{(message,
+            deliveries, dead)}.
+        """
+
+    def remove_by_id(queue, message_id):
+        """
+        Delete the message C{message_id} from C{queue} where only the store
+        has it, once every change recorded so far is durable.
+
+        @return: a L{Deferred} firing with the sequence numbers deleted.
         """
 
     def id_remembered(message_id, expires):
@@ -134,7 +152,7 @@ class IStore(Interface):
         """
 
 
-def open_store(description, clock, sync="full"):
+def open_store(description, clock, sync="full", window=None):
     """
     Open the store described by C{memory} or C{sqlite:PATH}.
 
@@ -148,7 +166,9 @@ def open_store(description, clock, sync="full"):
     if kind == "sqlite" and rest:
         from caps.store.sqlite import SQLiteStore
 
-        return SQLiteStore.open(rest, clock, sync=sync)
+        if window is None:
+            return SQLiteStore.open(rest, clock, sync=sync)
+        return SQLiteStore.open(rest, clock, sync=sync, window=window)
     raise StoreError(
         f"caps-broker: unknown store {description!r} (use memory or sqlite:PATH)"
     )

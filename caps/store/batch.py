@@ -1,14 +1,14 @@
 """
 A batch of store changes, reduced to what it leaves behind.
 
-The broker records five changes for every message it handles: the message
-and its entry are inserted, the entry's delivery count updated, then the
-entry and the message deleted.  Written one statement at a time that was
-most of the SQLite store's cost.  Within one transaction only the end
+The broker records three changes for every message it handles in a queue:
+its row is inserted, its delivery count updated, then the row deleted.
+Written one statement at a time, interleaved with other messages', that
+was most of the SQLite store's cost.  Within one transaction only the end
 result counts, so L{coalesce} folds each row's changes into one: a message
-published and acknowledged in the same batch is never written at all, an
-entry inserted and delivered is inserted with its count, and the rest go
-to SQLite as one C{executemany} per kind of statement.
+published and acknowledged in the same batch is never written at all, a
+row inserted and delivered is inserted with its count, and the rest go to
+SQLite as one C{executemany} per kind of statement.
 
 Only the statements of that hot path are folded together.  Any other
 statement (a queue saved or dropped, an entry moved to the dead letters)
@@ -21,6 +21,8 @@ from caps.store import schema
 _NEW = "new"  # not in the file before the run: INSERT
 _UPDATED = "updated"  # in the file: UPDATE its delivery count
 _DELETED = "deleted"  # in the file: DELETE
+# Where the delivery count is in an ADD_ENTRY row
+_DELIVERIES = 7
 
 
 def coalesce(ops):
@@ -51,37 +53,27 @@ class _Run:
     """
 
     def __init__(self):
-        # seq -> row, for messages inserted in this run
-        self.added = {}
-        self.dropped = []
-        # (qid, seq) -> [state, deliveries]
+        # (qid, seq) -> [state, row (inserted) or delivery count (updated)]
         self.entries = {}
         # id -> expires; the last one counts
         self.remembered = {}
         self.folds = {
-            schema.ADD_MESSAGE: self.add_message,
-            schema.DROP_MESSAGE: self.drop_message,
             schema.ADD_ENTRY: self.add_entry,
             schema.DELIVERED: self.delivered,
             schema.REMOVE_ENTRY: self.remove_entry,
             schema.REMEMBER_ID: self.remember,
         }
 
-    def add_message(self, seq, *row):
-        self.added[seq] = (seq, *row)
-
-    def drop_message(self, seq):
-        if self.added.pop(seq, None) is None:
-            self.dropped.append((seq,))
-
-    def add_entry(self, qid, seq):
+    def add_entry(self, qid, seq, *rest):
         # Only at publish, for a message new in this batch.
-        self.entries[qid, seq] = [_NEW, 0]
+        self.entries[qid, seq] = [_NEW, [qid, seq, *rest]]
 
     def delivered(self, deliveries, qid, seq):
         entry = self.entries.get((qid, seq))
         if entry is None:
             self.entries[qid, seq] = [_UPDATED, deliveries]
+        elif entry[0] == _NEW:
+            entry[1][_DELIVERIES] = deliveries
         else:
             entry[1] = deliveries
 
@@ -102,19 +94,17 @@ class _Run:
         deletes, each kind in one C{executemany}.
         """
         inserted, updated, deleted = [], [], []
-        for (qid, seq), (state, deliveries) in self.entries.items():
+        for (qid, seq), (state, value) in self.entries.items():
             if state == _DELETED:
                 deleted.append((qid, seq))
             elif state == _UPDATED:
-                updated.append((deliveries, qid, seq))
+                updated.append((value, qid, seq))
             else:
-                inserted.append((qid, seq, deliveries, None, None))
+                inserted.append(value)
         for sql, rows in (
-            (schema.ADD_MESSAGE, list(self.added.values())),
-            (schema.MOVE_ENTRY, inserted),
+            (schema.ADD_ENTRY, inserted),
             (schema.DELIVERED, updated),
             (schema.REMOVE_ENTRY, deleted),
-            (schema.DROP_MESSAGE, self.dropped),
             (schema.REMEMBER_ID, list(self.remembered.items())),
         ):
             if rows:

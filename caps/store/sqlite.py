@@ -26,15 +26,15 @@ from caps.store import UNAVAILABLE, IStore, State, StoreError, StoreUnavailable
 from caps.store.batch import coalesce
 from caps.store.schema import (
     ADD_ENTRY,
-    ADD_MESSAGE,
     DELIVERED,
     DROP_ENTRIES,
-    DROP_MESSAGE,
     DROP_QUEUE,
     FORGET_IDS,
     MIGRATIONS,
     MOVE_ENTRY,
+    READ_ENTRIES,
     REMEMBER_ID,
+    REMOVE_BY_ID,
     REMOVE_ENTRY,
     SAVE_QUEUE,
     SCHEMA,
@@ -50,6 +50,9 @@ RETRY_DELAY = 1.0
 # FREE_PAGES_KEPT back to the file system.
 FREE_PAGES_MAX = 1024
 FREE_PAGES_KEPT = 256
+# Messages of each queue kept in memory; the rest of a longer queue waits
+# on disk and is read back as the queue drains.
+WINDOW = 10_000
 
 
 def _lock(path):
@@ -154,6 +157,56 @@ def _write(connection, ops, now):
         pass
 
 
+def _row(queue, message, deliveries, dead=None):
+    reason, died = dead or (None, None)
+    return (
+        queue.qid,
+        message.seq,
+        message.id,
+        message.event,
+        message.payload,
+        message.time,
+        message.expires,
+        deliveries,
+        reason,
+        died,
+    )
+
+
+def _read_entries(connection, qid, after, limit):
+    """
+    Up to C{limit} messages of queue C{qid} after sequence number C{after},
+    in order: C{(Message, deliveries, dead)}, C{dead} being L{None} or
+    C{(reason, time)}.
+    """
+    return [
+        (
+            Message(message_id, event, bytes(payload), seq, time, expires),
+            deliveries,
+            None if reason is None else (reason, died),
+        )
+        for (
+            seq,
+            message_id,
+            event,
+            payload,
+            time,
+            expires,
+            deliveries,
+            reason,
+            died,
+        ) in connection.execute(READ_ENTRIES, (qid, after, limit)).fetchall()
+    ]
+
+
+def _remove_by_id(connection, qid, message_id):
+    """
+    Delete the message C{message_id} of queue C{qid}; return the sequence
+    numbers of the rows deleted (none if the queue did not hold it).
+    """
+    return [seq for (seq,) in connection.execute(REMOVE_BY_ID, (qid, message_id))]
+
+
 @implementer(IStore)
 class SQLiteStore:
     """
@@ -166,9 +219,10 @@ class SQLiteStore:
 
     log = Logger()
 
-    def __init__(self, path, clock, connection, lock, runner=None):
+    def __init__(self, path, clock, connection, lock, runner=None, window=WINDOW):
         self.path = path
         self.clock = clock
+        self.window = window
         self.available = True
         self._connection = connection
         self._lock = lock
@@ -182,12 +236,13 @@ class SQLiteStore:
         self._closed = False
 
     @classmethod
-    def open(cls, path, clock, sync="full", runner=None):
+    def open(cls, path, clock, sync="full", runner=None, window=WINDOW):
         """
         Open (or create) the store at C{path}.
 
         @param runner: how to run a write: C{runner(f, *args)} returns a
             L{Deferred}; by default, on a single writer thread.
+        @param window: how many messages of each queue to keep in memory.
         @raise StoreError: with a one-line reason.
         """
         path = os.path.abspath(path)
@@ -205,7 +260,7 @@ class SQLiteStore:
         except StoreError:
             lock.close()
             raise
-        return cls(path, clock, connection, lock, runner)
+        return cls(path, clock, connection, lock, runner, window)
 
     def load(self):
         state = State()
@@ -224,24 +279,21 @@ class SQLiteStore:
             )
             queues[qid] = state.queues[client_id, event] = queue
             state.next_qid = max(state.next_qid, qid + 1)
-        messages = {}
-        for seq, message_id, event, payload, time, expires in connection.execute(
-            "SELECT seq, id, event, payload, time, expires FROM messages"
-        ):
-            messages[seq] = Message(
-                message_id, event, bytes(payload), seq, time, expires
-            )
-            state.seq = max(state.seq, seq)
+        state.seq = connection.execute(
+            "SELECT coalesce(max(seq), 0) FROM entries"
+        ).fetchone()[0]
         live = state.live
-        for qid, seq, deliveries, reason, died in connection.execute(
-            "SELECT qid, seq, deliveries, dead_reason, dead_time FROM entries"
-            " ORDER BY qid, seq"
+        for qid, count in connection.execute(
+            "SELECT qid, count(*) FROM entries GROUP BY qid"
         ):
-            message = messages[seq]
-            entry = queues[qid].append(message, deliveries)
-            if reason is not None:
-                entry.dead = (reason, died)
-            live[message.id] = live.get(message.id, 0) + 1
+            queue = queues[qid]
+            for message, deliveries, dead in _read_entries(
+                connection, qid, 0, self.window
+            ):
+                entry = queue.append(message, deliveries)
+                entry.dead = dead
+                live[message.id] = live.get(message.id, 0) + 1
+            queue.spilled = count - queue.in_memory
         for message_id, expires in connection.execute(
             "SELECT id, expires FROM dedupe WHERE expires > ? ORDER BY expires",
             (self.clock.seconds(),),
@@ -277,38 +329,52 @@ class SQLiteStore:
         self._record(DROP_QUEUE, (queue.qid,))
 
     def message_added(self, message, queues):
-        self._record(
-            ADD_MESSAGE,
-            (
-                message.seq,
-                message.id,
-                message.event,
-                message.payload,
-                message.time,
-                message.expires,
-            ),
-        )
         for queue in queues:
-            self._record(ADD_ENTRY, (queue.qid, message.seq))
+            self._record(ADD_ENTRY, _row(queue, message, 0))
 
     def entry_removed(self, queue, message):
         self._record(REMOVE_ENTRY, (queue.qid, message.seq))
 
     def entry_added(self, queue, entry):
-        reason, died = entry.dead or (None, None)
         self._record(
-            MOVE_ENTRY,
-            (queue.qid, entry.message.seq, entry.deliveries, reason, died),
+            MOVE_ENTRY, _row(queue, entry.message, entry.deliveries, entry.dead)
         )
 
     def message_dropped(self, message):
-        self._record(DROP_MESSAGE, (message.seq,))
+        # Each queue's row of a message goes with its entry.
+        pass
 
     def delivered(self, entry):
         self._record(DELIVERED, (entry.deliveries, entry.queue.qid, entry.message.seq))
 
     def id_remembered(self, message_id, expires):
         self._record(REMEMBER_ID, (message_id, expires))
+
+    # Reading a queue's tail back
+
+    def load_entries(self, queue, after, limit):
+        return self._after_writes(_read_entries, queue.qid, after, limit)
+
+    def remove_by_id(self, queue, message_id):
+        return self._after_writes(_remove_by_id, queue.qid, message_id)
+
+    def _after_writes(self, f, *args):
+        """
+        Run C{f(connection, *args)} on the writer thread once every change
+        recorded so far is written.
+        """
+        d = defer.Deferred()
+
+        def written(_):
+            done = self._run(f, self._connection, *args)
+            done.chainDeferred(d)
+
+        waiting = self.flushed()
+        if waiting is None:
+            written(None)
+        else:
+            waiting.addCallbacks(written, d.errback)
+        return d
 
     # Group commit
 

@@ -1,0 +1,334 @@
+"""
+Queues longer than the SQLite store's window: the tail waits on disk, is
+read back in order as the queue drains, and memory holds at most the
+window (plus what is in flight).
+"""
+
+import os
+import tempfile
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from caps.broker import Broker
+from caps.frames import encode_json
+from caps.store.sqlite import SQLiteStore
+
+from .helpers import RecordingConnection
+from .test_store import synchronous
+
+WINDOW = 4
+
+
+class _Paging:
+    """
+    A broker on an SQLite store with a window of four messages per queue,
+    and a reactor turn that lets the store write and read.
+    """
+
+    def open_broker(self, window=WINDOW, **options):
+        scratch = tempfile.TemporaryDirectory(prefix="caps-paging-")
+        self.addCleanup(scratch.cleanup)
+        self.path = os.path.join(scratch.name, "caps.sqlite3")
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.window = window
+        self.options = options
+        self.store = SQLiteStore.open(
+            self.path, self.clock, runner=synchronous, window=window
+        )
+        self.broker = Broker(self.clock, store=self.store, **options)
+
+    def tearDown(self):
+        self.broker.stop()
+        self.successResultOf(self.store.close())
+
+    def restart(self):
+        self.turn()
+        self.broker.stop()
+        self.successResultOf(self.store.close())
+        self.store = SQLiteStore.open(
+            self.path, self.clock, runner=synchronous, window=self.window
+        )
+        self.broker = Broker(self.clock, store=self.store, **self.options)
+
+    def turn(self, count=20):
+        """
+        Let the store write what is pending and read back what was asked,
+        a few reactor turns.
+        """
+        for _ in range(count):
+            self.clock.advance(0)
+
+    def publish(self, n, to="q", message_id=None):
+        return self.broker.publish(
+            "e", {"n": n}, encode_json({"n": n}), (to,), message_id
+        )["messageId"]
+
+    def consume(self, conn, count, prefetch=2):
+        """
+        Subscribe C{conn} to (q, e) and acknowledge what it gets, C{count}
+        messages at most (any more it was sent stay unacknowledged); return
+        their payloads' C{n}.
+        """
+        self.broker.subscribe(conn, "q", "e", prefetch=prefetch)
+        seen = []
+        for _ in range(count * 4 + 20):
+            if len(seen) >= count:
+                break
+            taken = conn.take()
+            if not taken:
+                self.turn(1)
+                continue
+            for d in taken:
+                if len(seen) < count:
+                    seen.append(d["payload"]["n"])
+                    self.broker.received("q", "e", d["messageId"])
+        # Sent but left unacknowledged: they go back when it unsubscribes.
+        conn.take()
+        return seen
+
+    def assertBounded(self, queue):
+        self.assertLessEqual(queue.in_memory, self.window + 2)
+
+
+class PagingTests(_Paging, SynchronousTestCase):
+    def test_tail_waits_on_disk(self):
+        """Past the window, messages stay on disk only; the queue still counts them."""
+        self.open_broker()
+        for n in range(10):
+            self.publish(n)
+        queue = self.broker.queue("q", "e")
+        self.assertEqual((queue.in_memory, queue.spilled, len(queue)), (4, 6, 10))
+        conn = RecordingConnection()
+        self.broker.connect(conn)
+        answer = self.broker.subscribe(conn, "q", "e", prefetch=2)
+        self.assertEqual(answer["messages"], 10)
+
+    def test_drains_in_order(self):
+        """A consumer gets every message once, in publish order, as the tail is read back."""
+        self.open_broker()
+        for n in range(25):
+            self.publish(n)
+        self.turn()
+        conn = RecordingConnection()
+        self.broker.connect(conn)
+        queue = self.broker.queue("q", "e")
+        self.assertEqual(self.consume(conn, 25), list(range(25)))
+        self.assertEqual(len(queue), 0)
+        # Published once the tail is back in memory: straight to memory.
+        self.publish(25)
+        self.assertEqual((queue.in_memory, queue.spilled), (1, 0))
+
+    def test_publish_while_draining(self):
+        """Messages published while the tail is on disk come after it."""
+        self.open_broker()
+        for n in range(8):
+            self.publish(n)
+        conn = RecordingConnection()
+        self.broker.connect(conn)
+        self.broker.subscribe(conn, "q", "e", prefetch=1)
+        seen = []
+        for n in range(8, 20):
+            self.publish(n)
+            self.turn(1)
+            for d in conn.take():
+                seen.append(d["payload"]["n"])
+                self.broker.received("q", "e", d["messageId"])
+            self.assertBounded(self.broker.queue("q", "e"))
+        seen += self.consume(conn, 20 - len(seen), prefetch=1)
+        self.assertEqual(seen, list(range(20)))
+
+    def test_restart_keeps_memory_bounded(self):
+        """After a restart only the window is read; the rest follows, in order."""
+        self.open_broker()
+        for n in range(30):
+            self.publish(n)
+        self.restart()
+        queue = self.broker.queue("q", "e")
+        self.assertEqual((queue.in_memory, len(queue)), (4, 30))
+        conn = RecordingConnection()
+        self.broker.connect(conn)
+        self.assertEqual(self.consume(conn, 30), list(range(30)))
+
+    def test_get_all_reads_the_tail(self):
+        """getAll sends everything published before it, the tail included."""
+        self.open_broker()
+        for n in range(12):
+            self.publish(n)
+        conn = RecordingConnection()
+        self.broker.connect(conn)
+        done = self.broker.get_all(conn, "q", "e")
+        self.publish(12)
+        self.turn()
+        self.assertEqual(self.successResultOf(done)["count"], 12)
+        self.assertEqual([d["payload"]["n"] for d in conn.take()], list(range(12)))
+
+    def test_acknowledge_a_message_on_disk(self):
+        """Acknowledging a message only the store has deletes it: it is never sent."""
+        self.open_broker()
+        ids = [self.publish(n) for n in range(10)]
+        done = self.broker.received("q", "e", ids[7])
+        self.turn()
+        self.assertTrue(self.successResultOf(done)["deleted"])
+        unknown = self.broker.received("q", "e", "nothing")
+        self.turn()
+        self.assertFalse(self.successResultOf(unknown)["deleted"])
+        queue = self.broker.queue("q", "e")
+        self.assertEqual(len(queue), 9)
+        conn = RecordingConnection()
+        self.broker.connect(conn)
+        self.assertEqual(self.consume(conn, 9), [0, 1, 2, 3, 4, 5, 6, 8, 9])
+        self.restart()
+        self.assertEqual(len(self.broker.queue("q", "e")), 0)
+
+    def test_delete_while_reading(self):
+        """A queue deleted while its tail is being read back stays deleted and empty."""
+        self.open_broker()
+        for n in range(10):
+            self.publish(n)
+        conn = RecordingConnection()
+        self.broker.connect(conn)
+        self.broker.subscribe(conn, "q", "e", prefetch=4)
+        for d in conn.take():
+            self.broker.received("q", "e", d["messageId"])
+        queue = self.broker.queue("q", "e")
+        self.assertTrue(queue.loading)
+        self.broker.unsubscribe(conn, "q", "e", delete=True)
+        self.turn()
+        self.assertIsNone(self.broker.queue("q", "e"))
+        self.assertEqual(conn.take(), [])
+        self.restart()
+        self.assertIsNone(self.broker.queue("q", "e"))
+
+    def test_requeued_dead_letters_not_doubled(self):
+        """Dead letters requeued into a queue whose tail is on disk are sent once each."""
+        self.open_broker(max_deliveries=1)
+        for n in range(3):
+            self.publish(n)
+        conn = RecordingConnection()
+        self.broker.connect(conn)
+        self.broker.subscribe(conn, "q", "e", prefetch=3)
+        for d in conn.take():
+            self.broker.nack(conn, "q", "e", d["messageId"])
+        self.assertEqual(len(self.broker.queue("q", "e.dead")), 3)
+        self.broker.unsubscribe(conn, "q", "e")
+        for n in range(3, 12):
+            self.publish(n)
+        self.assertEqual(self.broker.requeue("q", "e")["requeued"], 3)
+        self.turn()
+        got = self.consume(conn, 12)
+        self.assertEqual(sorted(got), list(range(12)))
+        self.assertEqual(len(got), 12)
+
+
+class _Held:
+    """
+    Runs the store's writes and reads only when the test says, in order.
+    """
+
+    def __init__(self):
+        self.held = []
+
+    def __call__(self, f, *args):
+        d = defer.Deferred()
+        self.held.append((f, args, d))
+        return d
+
+    def release(self):
+        f, args, d = self.held.pop(0)
+        d.callback(f(*args))
+
+
+class RaceTests(_Paging, SynchronousTestCase):
+    def test_acknowledged_while_reading(self):
+        """A requeued message acknowledged while the tail is being read back is not brought back by the read."""
+        self.open_broker(max_deliveries=2)
+        for n in range(16):
+            self.publish(n)
+        conn = RecordingConnection()
+        self.broker.connect(conn)
+        self.broker.subscribe(conn, "q", "e", prefetch=16)
+        self.turn()
+        sent = {d["payload"]["n"]: d["messageId"] for d in conn.take()}
+        self.assertEqual(sorted(sent), list(range(16)))
+        for n in range(8):
+            self.broker.received("q", "e", sent[n])
+        # Message 12 dies: given back twice.
+        self.broker.nack(conn, "q", "e", sent[12])
+        [again] = conn.take()
+        self.broker.nack(conn, "q", "e", again["messageId"])
+        self.broker.disconnect(conn)
+        self.restart()
+        queue = self.broker.queue("q", "e")
+        self.assertEqual((queue.in_memory, queue.spilled), (4, 3))
+        # From here on the store's writes and reads wait for the test.
+        held = _Held()
+        self.store._runner = held
+        self.assertEqual(self.broker.requeue("q", "e")["requeued"], 1)
+        conn = RecordingConnection()
+        self.broker.connect(conn)
+        self.broker.subscribe(conn, "q", "e", prefetch=1)
+        [first] = conn.take()
+        self.broker.received("q", "e", first["messageId"])
+        self.assertTrue(queue.loading)
+        self.clock.advance(0)
+        held.release()  # the batch with the requeue: then the read is run
+        self.broker.received("q", "e", sent[12])
+        self.clock.advance(0)
+        held.release()  # the read, which still finds message 12 on disk
+        while held.held:
+            held.release()
+            self.clock.advance(0)
+        self.store._runner = synchronous
+        seen = [first["payload"]["n"]] + self.consume(conn, 6, prefetch=1)
+        self.assertEqual(sorted(seen), [8, 9, 10, 11, 13, 14, 15])
+        self.assertEqual(len(queue), 0)
+
+
+class EquivalenceTests(_Paging, SynchronousTestCase):
+    @settings(max_examples=150, deadline=None)
+    @given(
+        st.lists(
+            st.one_of(
+                st.tuples(st.just("publish"), st.integers(1, 6)),
+                st.tuples(st.just("consume"), st.integers(1, 8)),
+                st.tuples(st.just("restart"), st.just(0)),
+            ),
+            max_size=25,
+        )
+    )
+    def test_same_as_all_in_memory(self, steps):
+        """Whatever is published, consumed and restarted, a window of four delivers what one large enough to hold everything does."""
+        delivered = []
+        for window in (WINDOW, 10_000):
+            self.open_broker(window=window)
+            conn = RecordingConnection()
+            self.broker.connect(conn)
+            seen, n = [], 0
+            for action, count in steps:
+                if action == "publish":
+                    for _ in range(count):
+                        self.publish(n)
+                        n += 1
+                elif action == "consume":
+                    seen += self.consume(conn, count, prefetch=1)
+                    self.broker.unsubscribe(conn, "q", "e")
+                    self.turn()
+                else:
+                    self.restart()
+                    conn = RecordingConnection()
+                    self.broker.connect(conn)
+                self.assertBounded(self.broker.queue("q", "e") or _Empty())
+            seen += self.consume(conn, n)
+            delivered.append(seen)
+            self.tearDown()
+        self.assertEqual(delivered[0], delivered[1])
+        self.assertEqual(sorted(set(delivered[0])), list(range(n)))
+
+
+class _Empty:
+    in_memory = 0
