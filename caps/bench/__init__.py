@@ -1,7 +1,7 @@
 """
 The benchmark: run it on your own machine (Linux: it reads /proc).
 
-    python -m caps.bench                         # everything: 2 minutes on 2 cores
+    python -m caps.bench                         # everything: about 90 s on 2 cores
     python -m caps.bench --quick                 # a smoke run, small numbers
     python -m caps.bench --store memory,sqlite-full --runs 3
     python -m caps.bench --json bench.json --chart bench.png
@@ -9,8 +9,9 @@ The benchmark: run it on your own machine (Linux: it reads /proc).
     python -m caps.bench --stall                 # what commits do to the reactor
 
 Each store (memory, memory-no-event-log, sqlite-full, sqlite-normal) gets
-a real broker (twistd caps-broker) on loopback, a fresh one for each part
-below, driven by raw-socket clients in processes of their own.  First come
+a real broker (twistd caps-broker) on loopback (one for throughput and
+latency, a fresh one for catch-up and another for connections), driven by
+raw-socket clients in processes of their own.  First come
 two bare relays (caps/relay.py), which decode every frame and encode every
 delivery and keep nothing: "relay" (stdlib json, LineReceiver) and
 "relay-fast" (orjson, LineOnlyReceiver), the floor a one-process Python
