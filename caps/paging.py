@@ -8,9 +8,9 @@ L{caps.broker.Broker}.
 A queue's spilled messages were all published after the last one it holds
 in memory, and every publish to a queue with a spilled tail spills too, so
 reading back "the next messages after C{last_seq}" keeps publish order.
-The store reads only once every change recorded before is written, so the
-spilled messages it has not yet written are the newest ones, and a later
-read finds them.
+Batches are written in order, so whatever part of a tail the store has
+written is its oldest part: a read returns it, and a later read finds the
+rest once it is written.
 """
 
 from twisted.logger import Logger
@@ -84,10 +84,36 @@ class Paging:
         if rows:
             # Skipped rows too: a later read must not find them again.
             queue.last_seq = max(queue.last_seq, rows[-1][0].seq)
+        elif queue.spilled:
+            # What is left of the tail is not written yet: read once it is.
+            written = self.store.flushed()
+            if written is not None:
+                queue.loading = True
+                written.addBoth(self._written, queue)
+                return
+            self._paging_log.error(
+                "({clientId}, {event}) counts {count} messages on disk that "
+                "the store does not have",
+                clientId=queue.client_id,
+                event=queue.event,
+                count=queue.spilled,
+            )
+            queue.spilled = 0
         waiting, queue.waiting = queue.waiting, {}
         self._pump(queue)
         for session in waiting:
             self._continue_catchups(session)
+
+    def _written(self, result, queue):
+        queue.loading = False
+        if self._state.queues.get(queue.key) is queue:
+            self._refill(queue)
+            # A getAll waiting for the tail goes on even if the queue has
+            # enough in memory not to read yet.
+            if queue.waiting and not queue.loading:
+                waiting, queue.waiting = queue.waiting, {}
+                for session in waiting:
+                    self._continue_catchups(session)
 
     def _load_failed(self, failure, queue):
         queue.loading = False

@@ -110,8 +110,8 @@ class IStore(Interface):
     def load_entries(queue, after, limit):
         """
         Read back up to C{limit} messages of C{queue} with sequence numbers
-        above C{after}, in order, once every change recorded so far is
-        durable.
+        above C{after}, in order, from what is written so far (messages
+        whose writing is still to come are found by a later read).
 
         @return: a L{Deferred} firing with a list of C{(message,
             deliveries, dead)}.

@@ -116,6 +116,9 @@ def _prepare(connection, path, sync):
     connection.execute(f"PRAGMA synchronous = {SYNC_MODES[sync]}")
     # Keep the write-ahead log from staying large after a burst.
     connection.execute("PRAGMA journal_size_limit = 16777216")
+    # A bounded cache of 32 MB (SQLite keeps 2 MB by default): reading a
+    # long queue back and deleting what was delivered stay in memory.
+    connection.execute("PRAGMA cache_size = -32768")
 
 
 def _migrate(connection, version):
@@ -353,7 +356,10 @@ class SQLiteStore:
     # Reading a queue's tail back
 
     def load_entries(self, queue, after, limit):
-        return self._after_writes(_read_entries, queue.qid, after, limit)
+        # No need to wait for the changes recorded so far: batches commit
+        # in order, so whatever of a queue's tail is written is its oldest
+        # part, and the rest is read later.
+        return self._run(_read_entries, self._connection, queue.qid, after, limit)
 
     def remove_by_id(self, queue, message_id):
         return self._after_writes(_remove_by_id, queue.qid, message_id)
