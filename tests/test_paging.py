@@ -9,7 +9,6 @@ import tempfile
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -18,6 +17,7 @@ from caps.frames import encode_json
 from caps.store.sqlite import SQLiteStore
 
 from .helpers import RecordingConnection
+from .test_sqlite import HeldWrites
 from .test_store import synchronous
 
 WINDOW = 4
@@ -225,24 +225,6 @@ class PagingTests(_Paging, SynchronousTestCase):
         self.assertEqual(len(got), 12)
 
 
-class _Held:
-    """
-    Runs the store's writes and reads only when the test says, in order.
-    """
-
-    def __init__(self):
-        self.held = []
-
-    def __call__(self, f, *args):
-        d = defer.Deferred()
-        self.held.append((f, args, d))
-        return d
-
-    def release(self):
-        f, args, d = self.held.pop(0)
-        d.callback(f(*args))
-
-
 class RaceTests(_Paging, SynchronousTestCase):
     def test_acknowledged_while_reading(self):
         """A requeued message acknowledged while the tail is being read back is not brought back by the read."""
@@ -266,7 +248,7 @@ class RaceTests(_Paging, SynchronousTestCase):
         queue = self.broker.queue("q", "e")
         self.assertEqual((queue.in_memory, queue.spilled), (4, 3))
         # From here on the store's writes and reads wait for the test.
-        held = _Held()
+        held = HeldWrites()
         self.store._runner = held
         self.assertEqual(self.broker.requeue("q", "e")["requeued"], 1)
         conn = RecordingConnection()

@@ -26,7 +26,7 @@ from .test_store import synchronous
 
 class HeldWrites:
     """
-    A writer that holds each write until the test releases it.
+    A writer that holds each write (or read) until the test releases it.
     """
 
     def __init__(self):
@@ -40,11 +40,11 @@ class HeldWrites:
     def release(self):
         f, args, d = self.held.pop(0)
         try:
-            f(*args)
+            result = f(*args)
         except Exception:
             d.errback()
         else:
-            d.callback(None)
+            d.callback(result)
 
 
 class _Files:
