@@ -43,7 +43,8 @@ class Paging:
             return
         queue.loading = True
         limit = max(1, window - queue.ready_in_memory)
-        d = self.store.load_entries(queue, queue.last_seq, limit)
+        wait, queue.stale = queue.stale, False
+        d = self.store.load_entries(queue, queue.last_seq, limit, wait)
         d.addCallbacks(
             self._loaded,
             self._load_failed,

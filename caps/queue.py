@@ -92,6 +92,9 @@ class Queue:
     @ivar loading: its tail is being read back from the store.
     @ivar gone: sequence numbers above C{last_seq} removed while loading,
         which the load may still bring back.
+    @ivar stale: a message above C{last_seq} was removed while not
+        loading: its row may not be deleted in the store yet, so the next
+        read waits until it is.
     """
 
     client_id: str
@@ -108,6 +111,7 @@ class Queue:
     last_seq: int = 0
     loading: bool = False
     gone: set = attrs.Factory(set)
+    stale: bool = False
     # Sessions whose getAll waits for its tail to be read back
     waiting: dict = attrs.Factory(dict)
     _entries: dict = attrs.Factory(dict)
@@ -272,8 +276,13 @@ class Queue:
         entry = self._entries.pop(message_id, None)
         if entry is not None:
             entry.removed = True
-            if self.loading and entry.message.seq > self.last_seq:
-                self.gone.add(entry.message.seq)
+            if entry.message.seq > self.last_seq:
+                # Moved here from the dead letters: its row is past the
+                # messages in memory, where a read of the tail may find it.
+                if self.loading:
+                    self.gone.add(entry.message.seq)
+                else:
+                    self.stale = True
             if entry.message.expires is not None:
                 self.expiring -= 1
             if not self._entries:

@@ -226,9 +226,16 @@ class PagingTests(_Paging, SynchronousTestCase):
 
 
 class RaceTests(_Paging, SynchronousTestCase):
-    def test_acknowledged_while_reading(self):
-        """A requeued message acknowledged while the tail is being read back is not brought back by the read."""
-        self.open_broker(max_deliveries=2)
+    def requeued_past_memory(self):
+        """
+        A restarted broker whose queue (q, e) has four messages in memory
+        (8 to 11), three on disk (13 to 15) and message 12 requeued from
+        its dead letters, past the messages in memory; from here on the
+        store's writes and reads wait for the test.
+
+        @return: the held writes, and the messageId of message 12.
+        """
+        self.open_broker(max_deliveries=3)
         for n in range(16):
             self.publish(n)
         conn = RecordingConnection()
@@ -239,35 +246,70 @@ class RaceTests(_Paging, SynchronousTestCase):
         self.assertEqual(sorted(sent), list(range(16)))
         for n in range(8):
             self.broker.received("q", "e", sent[n])
-        # Message 12 dies: given back twice.
+        # Message 12 dies: given back three times.
         self.broker.nack(conn, "q", "e", sent[12])
-        [again] = conn.take()
-        self.broker.nack(conn, "q", "e", again["messageId"])
+        for _ in range(2):
+            [again] = conn.take()
+            self.broker.nack(conn, "q", "e", again["messageId"])
+        self.assertEqual(len(self.broker.queue("q", "e.dead")), 1)
         self.broker.disconnect(conn)
         self.restart()
         queue = self.broker.queue("q", "e")
         self.assertEqual((queue.in_memory, queue.spilled), (4, 3))
-        # From here on the store's writes and reads wait for the test.
         held = HeldWrites()
         self.store._runner = held
         self.assertEqual(self.broker.requeue("q", "e")["requeued"], 1)
-        conn = RecordingConnection()
-        self.broker.connect(conn)
-        self.broker.subscribe(conn, "q", "e", prefetch=1)
-        [first] = conn.take()
-        self.broker.received("q", "e", first["messageId"])
-        self.assertTrue(queue.loading)
         self.clock.advance(0)
-        held.release()  # the batch with the requeue: then the read is run
-        self.broker.received("q", "e", sent[12])
-        self.clock.advance(0)
-        held.release()  # the read, which still finds message 12 on disk
+        held.release()  # the requeue is written
+        return held, sent[12]
+
+    def drain(self, held, consumed):
+        """
+        Let every held write and read through, then consume the rest.
+        """
         while held.held:
             held.release()
             self.clock.advance(0)
         self.store._runner = synchronous
-        seen = [first["payload"]["n"]] + self.consume(conn, 6, prefetch=1)
-        self.assertEqual(sorted(seen), [8, 9, 10, 11, 13, 14, 15])
+        conn = RecordingConnection()
+        self.broker.connect(conn)
+        return consumed + self.consume(conn, 10, prefetch=1)
+
+    def start_consuming(self):
+        """
+        Take and acknowledge two messages, so that a read of the tail is
+        asked for.
+        """
+        conn = RecordingConnection()
+        self.broker.connect(conn)
+        self.broker.subscribe(conn, "q", "e", prefetch=1)
+        seen = []
+        for _ in range(2):
+            [d] = conn.take()
+            seen.append(d["payload"]["n"])
+            self.broker.received("q", "e", d["messageId"])
+        self.broker.disconnect(conn)
+        return seen
+
+    def test_acknowledged_while_reading(self):
+        """A requeued message acknowledged while the tail is being read back is not brought back by the read."""
+        held, requeued = self.requeued_past_memory()
+        seen = self.start_consuming()
+        queue = self.broker.queue("q", "e")
+        self.assertTrue(queue.loading)
+        self.broker.received("q", "e", requeued)
+        held.release()  # the read, which still finds message 12 on disk
+        self.assertEqual(sorted(self.drain(held, seen)), [8, 9, 10, 11, 13, 14, 15])
+        self.assertEqual(len(queue), 0)
+
+    def test_acknowledged_before_reading(self):
+        """A requeued message acknowledged just before a read of the tail is not brought back by it."""
+        held, requeued = self.requeued_past_memory()
+        self.broker.received("q", "e", requeued)
+        seen = self.start_consuming()
+        queue = self.broker.queue("q", "e")
+        self.assertTrue(queue.loading)
+        self.assertEqual(sorted(self.drain(held, seen)), [8, 9, 10, 11, 13, 14, 15])
         self.assertEqual(len(queue), 0)
 
 

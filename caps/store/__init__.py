@@ -107,11 +107,12 @@ class IStore(Interface):
         An entry was sent to a consumer: C{entry.deliveries} is its new count.
         """
 
-    def load_entries(queue, after, limit):
+    def load_entries(queue, after, limit, wait=False):
         """
         Read back up to C{limit} messages of C{queue} with sequence numbers
         above C{after}, in order, from what is written so far (messages
-        whose writing is still to come are found by a later read).
+        whose writing is still to come are found by a later read); with
+        C{wait}, once every change recorded so far is written.
 
         @return: a L{Deferred} firing with a list of C{(message,
             deliveries, dead)}.

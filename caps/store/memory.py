@@ -45,7 +45,7 @@ class MemoryStore:
     def delivered(self, entry):
         pass
 
-    def load_entries(self, queue, after, limit):
+    def load_entries(self, queue, after, limit, wait=False):
         return defer.succeed([])
 
     def remove_by_id(self, queue, message_id):

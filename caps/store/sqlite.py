@@ -355,7 +355,9 @@ class SQLiteStore:
 
     # Reading a queue's tail back
 
-    def load_entries(self, queue, after, limit):
+    def load_entries(self, queue, after, limit, wait=False):
+        if wait:
+            return self._after_writes(_read_entries, queue.qid, after, limit)
         # No need to wait for the changes recorded so far: batches commit
         # in order, so whatever of a queue's tail is written is its oldest
         # part, and the rest is read later.
