@@ -83,6 +83,8 @@ class Broker(Delivery, Paging):
     _expiring: dict = attrs.Factory(dict)
     _sweep: task.LoopingCall = attrs.field(init=False)
     _events: EventLog = attrs.field(init=False)
+    # Queues whose failed read of their tail is to be tried again
+    _retries: dict = attrs.Factory(dict)
 
     def __attrs_post_init__(self):
         """
@@ -116,6 +118,7 @@ class Broker(Delivery, Paging):
         events.
         """
         self._events.flush()
+        self._stop_paging()
         self._timeouts.stop()
         self._delays.stop()
         if self._sweep.running:

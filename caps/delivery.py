@@ -295,6 +295,9 @@ class Delivery:
             except Exception:
                 # One queue's failure must not stop the sweep for all.
                 self.log.failure("expiring messages of {queue} failed", queue=queue.key)
+            if queue.spilled:
+                # Its tail may hold more that expire, nobody consuming.
+                self._refill(queue)
             if not queue.expiring:
                 del self._expiring[queue]
         if not self._expiring:

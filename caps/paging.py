@@ -85,7 +85,10 @@ class Paging:
         if rows:
             # Skipped rows too: a later read must not find them again.
             queue.last_seq = max(queue.last_seq, rows[-1][0].seq)
-        elif queue.spilled:
+        if any(seq > queue.last_seq for seq in gone):
+            # Their rows may not be deleted yet: the next read waits.
+            queue.stale = True
+        if not rows and queue.spilled:
             # What is left of the tail is not written yet: read once it is.
             written = self.store.flushed()
             if written is not None:
@@ -118,6 +121,8 @@ class Paging:
 
     def _load_failed(self, failure, queue):
         queue.loading = False
+        # The read may have been one that had to wait for the writes.
+        queue.stale = True
         self._paging_log.failure(
             "reading ({clientId}, {event}) back from the store failed; "
             "trying again in {delay} s",
@@ -126,7 +131,21 @@ class Paging:
             event=queue.event,
             delay=RETRY_DELAY,
         )
-        self.clock.callLater(RETRY_DELAY, self._refill, queue)
+        self._retries[queue] = self.clock.callLater(
+            RETRY_DELAY, self._retry_refill, queue
+        )
+
+    def _retry_refill(self, queue):
+        del self._retries[queue]
+        self._refill(queue)
+
+    def _stop_paging(self):
+        """
+        Cancel the retries of failed reads (the broker is stopping).
+        """
+        for call in self._retries.values():
+            call.cancel()
+        self._retries.clear()
 
     def _remove_spilled(self, queue, message_id, answer):
         """
@@ -143,7 +162,11 @@ class Paging:
                     # Read back meanwhile: remove it from memory too.
                     queue.remove(message_id)
                     self._removed(queue, entry)
-                elif self._state.queues.get(queue.key) is queue:
+                elif self._state.queues.get(queue.key) is queue and (
+                    seq > queue.last_seq
+                ):
+                    # Still counted in the tail (a read that passed it
+                    # counted it already).
                     queue.spilled -= 1
             return dict(answer, deleted=bool(seqs))
 

@@ -5,15 +5,18 @@ window (plus what is in flight).
 """
 
 import os
+import sqlite3
 import tempfile
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from caps.broker import Broker
 from caps.frames import encode_json
+from caps.store import StoreUnavailable
 from caps.store.sqlite import SQLiteStore
 
 from .helpers import RecordingConnection
@@ -224,6 +227,45 @@ class PagingTests(_Paging, SynchronousTestCase):
         self.assertEqual(sorted(got), list(range(12)))
         self.assertEqual(len(got), 12)
 
+    def test_restart_with_a_duplicate_in_the_window(self):
+        """A messageId published again after the dedupe window, both copies read at a restart: the later copy is dropped, the first is sent once."""
+        self.open_broker()
+        for n in range(4):
+            self.publish(n)
+        self.publish(4, message_id="dup")
+        self.clock.advance(601)
+        self.publish(5, message_id="dup")
+        self.publish(6)
+        self.window = 10
+        self.restart()
+        queue = self.broker.queue("q", "e")
+        self.assertEqual((len(queue), queue.spilled), (6, 0))
+        conn = RecordingConnection()
+        self.broker.connect(conn)
+        self.broker.subscribe(conn, "q", "e", prefetch=1, ack_timeout=5)
+        got = []
+        for _ in range(20):
+            for d in conn.take():
+                got.append((d["payload"]["n"], d["deliveries"]))
+                self.broker.received("q", "e", d["messageId"])
+            self.turn(1)
+            self.clock.advance(1)
+        self.assertEqual(got, [(n, 1) for n in (0, 1, 2, 3, 4, 6)])
+        self.assertEqual(len(queue), 0)
+
+    def test_expiry_reaches_the_tail(self):
+        """Messages on disk expire too, with nobody consuming: the sweep reads the tail back."""
+        self.open_broker()
+        for n in range(20):
+            self.broker.publish("e", {"n": n}, encode_json({"n": n}), ("q",), ttl=5)
+        queue = self.broker.queue("q", "e")
+        self.assertEqual(queue.spilled, 16)
+        for _ in range(30):
+            self.clock.advance(1)
+            self.turn(2)
+        self.assertEqual((len(queue), queue.spilled), (0, 0))
+        self.assertEqual(len(self.broker.queue("q", "e.dead")), 20)
+
 
 class RaceTests(_Paging, SynchronousTestCase):
     def requeued_past_memory(self):
@@ -311,6 +353,137 @@ class RaceTests(_Paging, SynchronousTestCase):
         self.assertTrue(queue.loading)
         self.assertEqual(sorted(self.drain(held, seen)), [8, 9, 10, 11, 13, 14, 15])
         self.assertEqual(len(queue), 0)
+
+    def rows_on_disk(self, queue):
+        return [
+            seq
+            for (seq,) in sqlite3.connect(self.path).execute(
+                "SELECT seq FROM entries WHERE qid = ? ORDER BY seq", (queue.qid,)
+            )
+        ]
+
+    def test_acknowledged_during_a_read_stays_gone_after_it(self):
+        """A requeued message acknowledged during one read is not brought back by the next, which reads before its delete is written."""
+        self.open_broker(max_deliveries=3)
+        for n in range(31):
+            self.publish(n)
+        conn = RecordingConnection()
+        self.broker.connect(conn)
+        self.broker.subscribe(conn, "q", "e", prefetch=31)
+        sent = {}
+        for _ in range(100):
+            sent.update((d["payload"]["n"], d["messageId"]) for d in conn.take())
+            self.turn(1)
+        for n in range(8):
+            self.broker.received("q", "e", sent[n])
+        self.broker.nack(conn, "q", "e", sent[14])
+        for _ in range(2):
+            [again] = conn.take()
+            self.broker.nack(conn, "q", "e", again["messageId"])
+        self.broker.disconnect(conn)
+        self.restart()
+        queue = self.broker.queue("q", "e")
+        held = HeldWrites()
+        self.store._runner = held
+        self.broker.requeue("q", "e")
+        self.clock.advance(0)
+        while held.held:
+            held.release()
+            self.clock.advance(0)
+        conn = RecordingConnection()
+        self.broker.connect(conn)
+        self.broker.subscribe(conn, "q", "e", prefetch=1)
+        got = []
+
+        def take(ack=True):
+            [d] = conn.take()
+            got.append(d["payload"]["n"])
+            if ack:
+                self.broker.received("q", "e", d["messageId"])
+            return d
+
+        take()
+        in_flight = take(ack=False)
+        self.clock.advance(0)  # a batch, queued behind the first read
+        self.broker.received("q", "e", sent[14])
+        held.release()  # the first read
+        self.broker.received("q", "e", in_flight["messageId"])
+        take()
+        in_flight = take(ack=False)
+        held.release()  # the batch; the delete of 14 is in the next one
+        held.release()  # the next read
+        self.clock.advance(0)
+        while held.held:
+            held.release()
+            self.clock.advance(0)
+        self.store._runner = synchronous
+        self.broker.received("q", "e", in_flight["messageId"])
+        got += self.consume(conn, 30)
+        self.assertEqual(sorted(got), [n for n in range(8, 31) if n != 14])
+        self.assertEqual((len(queue), queue.spilled), (0, 0))
+        self.assertEqual(self.rows_on_disk(queue), [])
+
+    def test_late_acknowledgement_counted_once(self):
+        """Acknowledging a message on disk that a read brings back and that is sent and acknowledged meanwhile leaves no count wrong and nothing behind."""
+        self.open_broker()
+        for n in range(11):
+            self.publish(n, message_id=f"m{n}")
+        queue = self.broker.queue("q", "e")
+        self.turn()
+        held = HeldWrites()
+        self.store._runner = held
+        conn = RecordingConnection()
+        self.broker.connect(conn)
+        self.broker.subscribe(conn, "q", "e", prefetch=1)
+        got = []
+
+        def ack_next():
+            [d] = conn.take()
+            got.append(d["payload"]["n"])
+            self.broker.received("q", "e", d["messageId"])
+
+        ack_next()
+        ack_next()  # a read of the tail is asked for
+        late = self.broker.received("q", "e", "m4")
+        self.clock.advance(0)
+        held.release()  # the read brings 4 back before the late delete
+        for _ in range(3):
+            ack_next()
+        while held.held:
+            held.release()
+            self.clock.advance(0)
+        self.assertTrue(self.successResultOf(late)["deleted"])
+        self.store._runner = synchronous
+        got += self.consume(conn, 11)
+        self.assertEqual(sorted(got), list(range(11)))
+        self.assertEqual((len(queue), queue.spilled), (0, 0))
+        self.assertEqual(self.rows_on_disk(queue), [])
+
+    def test_failed_read_still_waits(self):
+        """When the read that had to wait for a delete fails, its retry waits too."""
+        held, requeued = self.requeued_past_memory()
+        while held.held:
+            held.release()
+            self.clock.advance(0)
+        failing = [True]
+
+        def runner(f, *args):
+            if f.__name__ == "_write" and failing[0]:
+                failing[0] = False
+                return defer.fail(sqlite3.OperationalError("disk I/O error"))
+            return synchronous(f, *args)
+
+        self.store._runner = runner
+        self.broker.received("q", "e", requeued)
+        seen = self.start_consuming()
+        self.clock.advance(0)  # the batch with the delete fails
+        self.clock.advance(1.0)  # the read and the store both try again
+        self.turn()
+        self.store._runner = synchronous
+        self.assertEqual(sorted(self.drain(held, seen)), [8, 9, 10, 11, 13, 14, 15])
+        self.assertEqual(
+            len(self.flushLoggedErrors(sqlite3.OperationalError, StoreUnavailable)), 2
+        )
 
 
 class EquivalenceTests(_Paging, SynchronousTestCase):

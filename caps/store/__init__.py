@@ -72,7 +72,9 @@ class IStore(Interface):
     def load():
         """
         The state as last made durable, as a L{State}: every message ready
-        (none in flight), each queue's messages in order.
+        (none in flight), each queue's messages in order; with a
+        C{window}, only each queue's first C{window} messages, the rest
+        counted in C{queue.spilled}.
         """
 
     def queue_saved(queue):

@@ -288,15 +288,21 @@ class SQLiteStore:
         live = state.live
         for qid, count in connection.execute(
             "SELECT qid, count(*) FROM entries GROUP BY qid"
-        ):
+        ).fetchall():
             queue = queues[qid]
-            for message, deliveries, dead in _read_entries(
-                connection, qid, 0, self.window
-            ):
+            rows = _read_entries(connection, qid, 0, self.window)
+            for message, deliveries, dead in rows:
+                if message.id in queue:
+                    # Published again after the dedupe window while the
+                    # first was on disk: the later one is a duplicate.
+                    self._record(REMOVE_ENTRY, (qid, message.seq))
+                    continue
                 entry = queue.append(message, deliveries)
                 entry.dead = dead
                 live[message.id] = live.get(message.id, 0) + 1
-            queue.spilled = count - queue.in_memory
+            if rows:
+                queue.last_seq = rows[-1][0].seq
+            queue.spilled = count - len(rows)
         for message_id, expires in connection.execute(
             "SELECT id, expires FROM dedupe WHERE expires > ? ORDER BY expires",
             (self.clock.seconds(),),
