@@ -296,9 +296,7 @@ class Broker(Delivery, Paging):
                 self._take_back(entry)
             self._release(entry.message)
         # getAlls waiting for its tail to be read back end here.
-        waiting, queue.waiting = queue.waiting, {}
-        for session in waiting:
-            self._continue_catchups(session)
+        self._resume_waiting(queue)
 
     def get_all(self, connection, client_id, event):
         """
@@ -349,8 +347,7 @@ class Broker(Delivery, Paging):
         Delete an acknowledged message from (clientId, event); an unknown
         or already deleted messageId is not an error.
         """
-        if not self.store.available:
-            raise StoreUnavailable(UNAVAILABLE)
+        self._check_writable()
         queues = self._state.queues
         queue = queues.get((client_id, event))
         entry = queue.remove(message_id) if queue is not None else None
@@ -396,8 +393,7 @@ class Broker(Delivery, Paging):
             dead letters; L{None} for the broker's default.
         @raise QueueFull: if any of those queues is full; nothing is stored.
         """
-        if not self.store.available:
-            raise StoreUnavailable(UNAVAILABLE)
+        self._check_writable()
         state = self._state
         now = self.clock.seconds()
         seen = state.seen
@@ -410,11 +406,8 @@ class Broker(Delivery, Paging):
         known = state.queues
         existing = [known.get((client_id, event)) for client_id in to]
         matched = self._index.match(event, payload)
-        max_queue = self.max_queue
         for queue in (*existing, *matched):
-            if queue is not None and (
-                queue.max_length is not None or len(queue) >= max_queue
-            ):
+            if queue is not None:
                 self._check_room(queue)
         if None in existing:
             existing = [

@@ -103,10 +103,8 @@ class Paging:
                 count=queue.spilled,
             )
             queue.spilled = 0
-        waiting, queue.waiting = queue.waiting, {}
         self._pump(queue)
-        for session in waiting:
-            self._continue_catchups(session)
+        self._resume_waiting(queue)
 
     def _written(self, result, queue):
         queue.loading = False
@@ -114,10 +112,16 @@ class Paging:
             self._refill(queue)
             # A getAll waiting for the tail goes on even if the queue has
             # enough in memory not to read yet.
-            if queue.waiting and not queue.loading:
-                waiting, queue.waiting = queue.waiting, {}
-                for session in waiting:
-                    self._continue_catchups(session)
+            if not queue.loading:
+                self._resume_waiting(queue)
+
+    def _resume_waiting(self, queue):
+        """
+        Go on with the getAlls that waited for C{queue}'s tail.
+        """
+        waiting, queue.waiting = queue.waiting, {}
+        for session in waiting:
+            self._continue_catchups(session)
 
     def _load_failed(self, failure, queue):
         queue.loading = False

@@ -349,10 +349,6 @@ class SQLiteStore:
             MOVE_ENTRY, _row(queue, entry.message, entry.deliveries, entry.dead)
         )
 
-    def message_dropped(self, message):
-        # Each queue's row of a message goes with its entry.
-        pass
-
     def delivered(self, entry):
         self._record(DELIVERED, (entry.deliveries, entry.queue.qid, entry.message.seq))
 
