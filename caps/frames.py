@@ -333,17 +333,12 @@ def _publish(frame, event, payload, request_id):
         to = tuple(dict.fromkeys(_name(c, "to", request_id) for c in to))
     else:
         raise BadFrame("field to must be a clientId or a list of them", request_id)
-    message_id = frame.get("messageId")
-    if message_id is not None:
-        message_id = _field(frame, "messageId", str, "", request_id)
-        if not 1 <= len(message_id) <= MAX_MESSAGE_ID:
-            raise BadFrame(
-                f"field messageId must be 1 to {MAX_MESSAGE_ID} characters",
-                request_id,
-            )
-    ttl = frame.get("ttl")
-    if ttl is not None:
-        ttl = _number(frame, "ttl", "", request_id, 0, MAX_SECONDS, low_open=True)
+    message_id = _field(frame, "messageId", str, "", request_id, required=False)
+    if message_id is not None and not 1 <= len(message_id) <= MAX_MESSAGE_ID:
+        raise BadFrame(
+            f"field messageId must be 1 to {MAX_MESSAGE_ID} characters", request_id
+        )
+    ttl = _number(frame, "ttl", "", request_id, 0, MAX_SECONDS, low_open=True)
     try:
         body = encode_json(payload)
     except BadJSON as e:
