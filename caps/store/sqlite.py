@@ -373,18 +373,10 @@ class SQLiteStore:
         Run C{f(connection, *args)} on the writer thread once every change
         recorded so far is written.
         """
-        d = defer.Deferred()
-
-        def written(_):
-            done = self._run(f, self._connection, *args)
-            done.chainDeferred(d)
-
         waiting = self.flushed()
         if waiting is None:
-            written(None)
-        else:
-            waiting.addCallbacks(written, d.errback)
-        return d
+            return self._run(f, self._connection, *args)
+        return waiting.addCallback(lambda _: self._run(f, self._connection, *args))
 
     # Group commit
 
