@@ -3,6 +3,7 @@ What the vendor and driver apps share: command-line options, logging to
 stderr, the client, and a clean stop on Ctrl-C.
 """
 
+import os
 import sys
 
 from twisted.internet import defer
@@ -38,7 +39,42 @@ class AppOptions(usage.Options):
             "Stop after this many orders (default: run on).",
             positive_int,
         ],
+        [
+            "login",
+            None,
+            None,
+            "Log in as this clientId (default: the app's own). Only with a password.",
+        ],
+        [
+            "password-file",
+            None,
+            None,
+            "Log in with the password on this file's first line (else from "
+            "$CAPS_PASSWORD, if set; else no login).",
+        ],
     ]
+
+    def postOptions(self):
+        from twisted.internet import reactor
+
+        try:
+            clientFromString(reactor, self["broker"])
+        except Exception as e:
+            # The tls: parser reads its trust roots: a file instead of a
+            # directory, or a missing one, fails here.
+            raise usage.UsageError(
+                f"bad --broker {self['broker']!r}: {e} (tls: takes "
+                "trustRoots=DIR, a directory of .pem files)"
+            ) from None
+        self["password"] = os.environ.get("CAPS_PASSWORD") or None
+        if self["password-file"] is not None:
+            try:
+                with open(self["password-file"], encoding="utf-8") as f:
+                    self["password"] = f.readline().rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as e:
+                raise usage.UsageError(f"cannot read --password-file: {e}") from None
+        if self["login"] is not None:
+            check_name(self["login"], "--login")
 
 
 def check_name(value, option):
@@ -68,12 +104,15 @@ def emit(line):
     sys.stdout.flush()
 
 
-def run(reactor, options, build):
+def run(reactor, options, build, client_id):
     """
     Connect a client to the broker, start the app C{build(client)} makes,
     and stop cleanly when it is done or the reactor shuts down (Ctrl-C):
     confirmed publishes and acknowledgements are waited for, a few seconds
     at most.
+
+    @param client_id: the clientId to log in as, unless C{--login} says
+        another (there is a login only with a password).
 
     @return: a L{Deferred} that fires when the app is done.
     """
@@ -87,7 +126,10 @@ def run(reactor, options, build):
         redirectStandardIO=False,
     )
     endpoint = clientFromString(reactor, options["broker"])
-    client = CapsClient(endpoint, reactor)
+    credentials = None
+    if options["password"]:
+        credentials = (options["login"] or client_id, options["password"])
+    client = CapsClient(endpoint, reactor, credentials=credentials)
     app = build(client)
     reactor.addSystemEventTrigger("before", "shutdown", client.stop)
     client.start()

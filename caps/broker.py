@@ -27,8 +27,10 @@ ACK_TIMEOUT = 30.0
 PREFETCH = 1000
 MAX_DELIVERIES = 20
 MAX_QUEUE = 1_000_000
+MAX_SUBSCRIPTIONS = 1000
+MAX_UNACKED = 10_000
 
-__all__ = ["Broker", "IConnection", "QueueFull"]
+__all__ = ["Broker", "IConnection", "QueueFull", "TooManySubscriptions"]
 
 
 class QueueFull(ProtocolError):
@@ -37,6 +39,14 @@ class QueueFull(ProtocolError):
     """
 
     code = "queue-full"
+
+
+class TooManySubscriptions(ProtocolError):
+    """
+    A connection asked to consume more queues than the broker allows.
+    """
+
+    code = "too-many-subscriptions"
 
 
 @attrs.define(eq=False)
@@ -55,6 +65,9 @@ class Broker(Delivery, Paging):
     @ivar max_deliveries: deliveries after which a message that comes back
         goes to the dead letters instead.
     @ivar max_queue: the most messages any queue may hold.
+    @ivar max_subscriptions: the most queues one connection may consume.
+    @ivar max_unacked: the most messages in flight to one connection, all
+        its consumers and C{getAll}s together.
     @ivar default_ttl: seconds a message lives if its publish gives no
         C{ttl}; L{None} for ever.
     @ivar log_events: log every published message (C{EVENT {...}}).
@@ -67,6 +80,8 @@ class Broker(Delivery, Paging):
     prefetch: int = PREFETCH
     max_deliveries: int = MAX_DELIVERIES
     max_queue: int = MAX_QUEUE
+    max_subscriptions: int = MAX_SUBSCRIPTIONS
+    max_unacked: int = MAX_UNACKED
     default_ttl: float | None = None
     log_events: bool = True
     log = Logger()
@@ -162,7 +177,9 @@ class Broker(Delivery, Paging):
         """
         Start tracking a connection.
         """
-        self._sessions[connection] = Session(connection, self.ack_timeout)
+        self._sessions[connection] = Session(
+            connection, self.ack_timeout, self.max_unacked
+        )
 
     def disconnect(self, connection):
         """
@@ -197,6 +214,14 @@ class Broker(Delivery, Paging):
         if session is None or not session.paused:
             return
         session.paused = False
+        if not session.full:
+            self._unblocked(session)
+
+    def _unblocked(self, session):
+        """
+        A session can take messages again: fill its consumers' windows
+        and go on with its C{getAll}s.
+        """
         for consumer in session.consuming.values():
             self._list(consumer)
             self._pump(consumer.queue)
@@ -224,6 +249,14 @@ class Broker(Delivery, Paging):
         @param max_length: the most messages the queue may hold.
         """
         self._check_writable()
+        session = self._sessions[connection]
+        known = self._queues.get((client_id, event))
+        if (known is None or known not in session.consuming) and len(
+            session.consuming
+        ) >= self.max_subscriptions:
+            raise TooManySubscriptions(
+                f"a connection may consume at most {self.max_subscriptions} queues"
+            )
         queue = self._queue(client_id, event)
         if (
             not queue.subscribed
@@ -235,7 +268,6 @@ class Broker(Delivery, Paging):
             queue.max_length = max_length
             self._index.add(queue, filter)
             self.store.queue_saved(queue)
-        session = self._sessions[connection]
         prefetch = prefetch or self.prefetch
         ack_timeout = self.ack_timeout if ack_timeout is None else ack_timeout
         consumer = session.consuming.get(queue)
@@ -326,7 +358,7 @@ class Broker(Delivery, Paging):
         while session.catchups and not session.paused:
             catchup = session.catchups[0]
             queue = catchup.queue
-            while not session.paused:
+            while not (session.paused or session.full):
                 entry = self._next_ready(queue, catchup.until)
                 if entry is None:
                     break
@@ -334,6 +366,12 @@ class Broker(Delivery, Paging):
                 catchup.count += 1
             if session.paused:
                 return
+            if session.full:
+                # Sent up to the connection's limit: the rest waits for
+                # acknowledgements, unless there is no rest.
+                head = queue.peek_ready()
+                if head is not None and head.message.seq <= catchup.until:
+                    return
             if queue.spilled and queue.last_seq < catchup.until:
                 # The rest it covers is still in the store.
                 queue.waiting[session] = None

@@ -17,6 +17,8 @@ import uuid
 from collections import OrderedDict
 
 import attrs
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -110,8 +112,11 @@ class CapsClient:
         retry_policy=None,
         ping_interval=PING_INTERVAL,
         max_line=MAX_LINE,
+        credentials=None,
     ):
         self.clock = clock
+        # (clientId, password) to log in with on each connection, or None
+        self.credentials = credentials
         # The broker's --max-line: longer publishes fail at once.
         self.max_line = max_line
         # Ping the broker this often; no answer by the next ping means the
@@ -302,6 +307,37 @@ class CapsClient:
     # Connection events
 
     def _connected(self, protocol):
+        """
+        A connection is up: log in first if the client has credentials
+        (nothing else is sent before the broker accepts them).
+        """
+        if self.credentials is None:
+            self._logged_in(protocol)
+            return
+        client_id, password = self.credentials
+        request_id = next(self._ids)
+
+        def refused(error):
+            self.log.error(
+                "the broker refused the login as {clientId}: {error}; "
+                "trying again after reconnecting",
+                clientId=client_id,
+                error=error,
+            )
+            protocol.transport.loseConnection()
+
+        self._requests[request_id] = (lambda _: self._logged_in(protocol), refused)
+        protocol.send(
+            {
+                "event": "login",
+                "id": request_id,
+                "payload": {"clientId": client_id, "password": password},
+            }
+        )
+
+    def _logged_in(self, protocol):
+        if not protocol.connected:
+            return
         self._protocol = protocol
         self.log.info("connected to the broker")
         # Acknowledgements first, so that the broker does not send those
@@ -320,7 +356,11 @@ class CapsClient:
         if self.on_connect is not None:
             self.on_connect()
 
-    def _disconnected(self, protocol):
+    def _disconnected(self, protocol, reason=None):
+        if reason is not None and reason.check(SSL.Error, VerificationError):
+            self.log.warn(
+                "TLS with the broker failed: {why}", why=reason.getErrorMessage()
+            )
         if protocol is not self._protocol:
             return
         self._protocol = None

@@ -4,9 +4,11 @@ values the client hands to applications.
 """
 
 import attrs
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
 
 from caps.frames import BadJSON, decode_json, encode_json
 
@@ -36,9 +38,12 @@ class Delivery:
     deliveries: int = 1
 
 
+@implementer(IHandshakeListener)
 class ClientProtocol(LineReceiver):
     """
     One connection to the broker; everything it reads goes to the client.
+    Over TLS, the connection counts as made once the handshake (and the
+    check of the broker's certificate) succeeded.
     """
 
     delimiter = b"\n"
@@ -46,10 +51,15 @@ class ClientProtocol(LineReceiver):
     log = Logger()
 
     def connectionMade(self):
+        if not ISSLTransport.providedBy(self.transport):
+            self.factory.client._connected(self)
+
+    def handshakeCompleted(self):
         self.factory.client._connected(self)
 
     def connectionLost(self, reason):
-        self.factory.client._disconnected(self)
+        self.connected = 0
+        self.factory.client._disconnected(self, reason)
 
     def lineReceived(self, line):
         try:

@@ -139,7 +139,10 @@ class Delivery:
             consumer.held += 1
         entry.deliveries += 1
         self.store.delivered(entry)
-        session.in_flight[entry] = None
+        in_flight = session.in_flight
+        in_flight[entry] = None
+        if len(in_flight) >= session.max_unacked:
+            session.full = True
         if holder.ack_timeout > 0:
             holder.timed[entry] = self.clock.seconds() + holder.ack_timeout
             self._arm(holder)
@@ -160,6 +163,10 @@ class Delivery:
         if consumer is not None:
             consumer.held -= 1
             self._list(consumer)
+        if session.full:
+            session.full = False
+            if not session.paused:
+                self._unblocked(session)
 
     def _return(self, entry, delay=0):
         """

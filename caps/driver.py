@@ -15,6 +15,9 @@ from caps.client import CapsError
 from caps.frames import NAME
 from caps.options import positive_int, seconds
 
+# The clientId of the drivers' shared queue: every pickup goes there.
+DRIVERS = "driver"
+
 
 @attrs.define(eq=False)
 class Driver:
@@ -44,13 +47,13 @@ class Driver:
 
     def start(self):
         self.client.on_connect = lambda: self.emit(f"DRIVER {self.name}: connected")
-        self.client.subscribe("driver", "pickup", self._pickup, prefetch=self.capacity)
+        self.client.subscribe(DRIVERS, "pickup", self._pickup, prefetch=self.capacity)
 
     def _pickup(self, delivery):
         self.started += 1
         if self.orders is not None and self.started >= self.orders:
             # Take no more: the broker gives back what it sent meanwhile.
-            self.client.unsubscribe("driver", "pickup")
+            self.client.unsubscribe(DRIVERS, "pickup")
         return defer.ensureDeferred(self._deliver(delivery.payload))
 
     async def _deliver(self, order):
@@ -108,6 +111,7 @@ def main(reactor, *argv):
             orders=options["orders"],
             capacity=options["capacity"],
         ),
+        client_id=DRIVERS,
     )
 
 

@@ -25,6 +25,7 @@ CONTROL_EVENTS = frozenset(
         "nack",
         "requeue",
         "ping",
+        "login",
     }
 )
 RESERVED_EVENTS = CONTROL_EVENTS | frozenset(
@@ -32,7 +33,6 @@ RESERVED_EVENTS = CONTROL_EVENTS | frozenset(
         "ok",
         "error",
         "pong",
-        "login",
         "logout",
         "hello",
         "join",
@@ -41,6 +41,7 @@ RESERVED_EVENTS = CONTROL_EVENTS | frozenset(
 )
 
 MAX_MESSAGE_ID = 128
+MAX_PASSWORD = 1024
 # A queue's dead letters are (clientId, event + DEAD_SUFFIX).
 DEAD_SUFFIX = ".dead"
 # Upper bounds for numbers in frames: beyond them a value is a mistake.
@@ -127,6 +128,12 @@ class Requeue:
     client_id: str
     event: str
     message_id: str | None = None
+
+
+@attrs.define
+class Login:
+    client_id: str
+    password: str = attrs.field(repr=False)
 
 
 @attrs.define
@@ -305,6 +312,25 @@ def _ping(frame, payload, request_id):
     return Ping(payload)
 
 
+def _login(frame, payload, request_id):
+    client_id = _field(payload, "clientId", str, "payload.", request_id)
+    _name(client_id, "payload.clientId", request_id)
+    password = _field(payload, "password", str, "payload.", request_id)
+    if not 1 <= len(password) <= MAX_PASSWORD:
+        raise BadFrame(
+            f"field payload.password must be 1 to {MAX_PASSWORD} characters",
+            request_id,
+        )
+    try:
+        password.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadFrame(
+            "field payload.password must be text (it holds a lone surrogate)",
+            request_id,
+        ) from None
+    return Login(client_id, password)
+
+
 _CONTROL = {
     "subscribe": _subscribe,
     "unsubscribe": _unsubscribe,
@@ -314,6 +340,7 @@ _CONTROL = {
     "nack": _nack,
     "requeue": _requeue,
     "ping": _ping,
+    "login": _login,
 }
 
 

@@ -22,3 +22,13 @@ def seconds(value):
 
 
 seconds.coerceDoc = "Seconds (decimals allowed)."
+
+
+def rate(value):
+    number = float(value)
+    if not number >= 0:
+        raise ValueError(f"{value} is not a rate")
+    return number
+
+
+rate.coerceDoc = "Per second (decimals allowed); 0 for no limit."

@@ -15,6 +15,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from caps import frames
+from caps.gate import Gate, PayloadTooLarge
+from caps.limits import Admission, Limits
 from caps.sessions import IConnection
 
 DEFAULT_MAX_LINE = 64 * 1024
@@ -57,7 +59,7 @@ class _Valve:
 
 
 @implementer(IConnection)
-class BrokerProtocol(LineReceiver, TimeoutMixin):
+class BrokerProtocol(LineReceiver, TimeoutMixin, Gate):
     """
     One client connection: newline-delimited JSON frames in, replies and
     deliveries out.
@@ -72,20 +74,28 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
         # One more byte for the optional "\r" before the "\n".
         self.MAX_LENGTH = self.max_line + 1
         self.peer = self.transport.getPeer()
+        # The IP address, for the per-address limits; None for UNIX sockets
+        self.address = getattr(self.peer, "host", None)
+        self.callLater = self.broker.clock.callLater
+        self._abort = None
+        refusal = self.factory.admission.admit(self.address)
+        self.admitted = refusal is None
+        if not self.admitted:
+            self.log.info("{peer} refused: {why}", peer=self.peer, why=refusal)
+            self._close_with(frames.error("too-many-connections", refusal))
+            return
+        self._open_gate()
         # Replies not written yet, in request order: [line, ready, id]
         self._replies = deque()
         # The store's batch the last held reply waits for, and the replies
         # waiting for it
         self._durable_batch = None
         self._durable_slots = None
-        self._throttled = False
-        self._abort = None
         # The transport's send buffer is full; replies written meanwhile
         self.send_paused = False
         self.unread = 0
         self.broker.connect(self)
         self.transport.registerProducer(_Valve(self), True)
-        self.callLater = self.broker.clock.callLater
         self.setTimeout(self.factory.idle_timeout or None)
         self.log.info("{peer} connected", peer=self.peer)
 
@@ -93,8 +103,22 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
         self.setTimeout(None)
         if self._abort is not None and self._abort.active():
             self._abort.cancel()
+        if not self.admitted:
+            return
+        self.factory.admission.leave(self.address)
+        self._close_gate()
         self.broker.disconnect(self)
         self.log.info("{peer} disconnected", peer=self.peer)
+
+    def _close_with(self, line):
+        """
+        Write C{line} at once (ahead of any reply still waiting for the
+        store) and close; cut the connection off if the client does not
+        take it within a few seconds.
+        """
+        self.transport.write(line)
+        self.transport.loseConnection()
+        self._abort = self.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
     def dataReceived(self, data):
         """
@@ -102,25 +126,44 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
         C{dataReceived} searches the rest of the buffer again after every
         line) and handle them in order; this protocol never uses raw mode.
         """
+        if self.transport.disconnecting:
+            return
         self.resetTimeout()
         if self._buffer:
             data = self._buffer + data
             self._buffer = b""
+        if self._rate_resume is not None:
+            # Over the rate: kept until the rate allows more.
+            self._buffer = data
+            return
         lines = data.split(b"\n")
         rest = lines.pop()
         limit = self.MAX_LENGTH
         transport = self.transport
-        for line in lines:
+        now = self.broker.clock.seconds()
+        rate = self._rate
+        if rate:
+            self._refill(now)
+        for index, line in enumerate(lines):
             if transport.disconnecting:
                 return
             if len(line) > limit:
                 self.lineLengthExceeded(line)
                 return
+            if rate:
+                if self._tokens < 1:
+                    self._rate_limited(line, b"\n".join([*lines[index + 1 :], rest]))
+                    return
+                self._tokens -= 1
             self.lineReceived(line)
         if len(rest) > limit:
             self.lineLengthExceeded(rest)
         elif not transport.disconnecting:
             self._buffer = rest
+            if not rest:
+                self._partial_since = None
+            elif self._line_timeout:
+                self._watch_partial(now, bool(lines))
 
     def timeoutConnection(self):
         """
@@ -134,14 +177,12 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
             peer=self.peer,
             seconds=self.factory.idle_timeout,
         )
-        self.transport.write(
+        self._close_with(
             frames.error(
                 "idle-timeout",
                 f"nothing received for {self.factory.idle_timeout:g} s; closing",
             )
         )
-        self.transport.loseConnection()
-        self._abort = self.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
     def lineReceived(self, line):
         if self.transport.disconnecting:
@@ -157,6 +198,8 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
         request_id = None
         try:
             request_id, command = frames.parse_line(line)
+            if self.guard is not None:
+                self.guard(command)
             handler, always, durable = _HANDLERS[type(command)]
             answer, payload = handler(self, command)
             if not (always or request_id is not None):
@@ -211,7 +254,9 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
         self._replies.append(slot)
 
         def done(result):
+            closes = False
             if isinstance(result, Failure):
+                closes = getattr(result.value, "closes", False)
                 if result.check(frames.ProtocolError):
                     result.value.request_id = request_id
                     result = self._refused(result.value)
@@ -220,6 +265,8 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
                     result = _internal_error(request_id)
             slot[:2] = [result, True]
             self._write_ready()
+            if closes:
+                self.transport.loseConnection()
 
         reply.addBoth(done)
 
@@ -299,20 +346,10 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
         until it has caught up with everything so far.
         """
         caught_up = self.broker.store.flushed()
-        if self._throttled or caught_up is None:
+        if "store" in self._holds or caught_up is None:
             return
-        self._throttled = True
-        self.transport.pauseProducing()
-        # Not reading is the broker's doing: the client is not idle.
-        self.setTimeout(None)
-
-        def resume(_):
-            self._throttled = False
-            if self.connected:
-                self.transport.resumeProducing()
-                self.setTimeout(self.factory.idle_timeout or None)
-
-        caught_up.addBoth(resume)
+        self._hold("store")
+        caught_up.addBoth(lambda _: self._release("store"))
 
     def lineLengthExceeded(self, line):
         self.log.info(
@@ -322,12 +359,11 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
         )
         # Written at once, ahead of any reply still waiting for the store:
         # the connection closes.
-        self.transport.write(
+        self._close_with(
             frames.error(
                 "line-too-long", f"a line may be at most {self.max_line} bytes"
             )
         )
-        self.transport.loseConnection()
 
     # Each handler returns the reply's event and payload (or a Deferred of
     # the payload).
@@ -362,6 +398,11 @@ class BrokerProtocol(LineReceiver, TimeoutMixin):
         return "pong", c.payload
 
     def _publish(self, c):
+        if len(c.body) > self.max_payload:
+            raise PayloadTooLarge(
+                f"the payload is {len(c.body)} bytes as compact JSON; "
+                f"the limit is {self.max_payload}"
+            )
         return "ok", self.broker.publish(
             c.event, c.payload, c.body, c.to, c.message_id, c.ttl
         )
@@ -400,6 +441,7 @@ _HANDLERS = {
     frames.Requeue: (BrokerProtocol._requeue, False, True),
     frames.Ping: (BrokerProtocol._ping, True, False),
     frames.Publish: (BrokerProtocol._publish, False, True),
+    frames.Login: (BrokerProtocol._login, True, False),
 }
 
 
@@ -417,12 +459,25 @@ class BrokerFactory(Factory):
 
     @ivar idle_timeout: seconds without a byte from a client before its
         connection is closed; L{None} or 0 for never.
+    @ivar portal: a twisted.cred L{Portal} giving L{caps.auth.IClient}s: a
+        client must log in first; L{None} for an open broker.
+    @ivar limits: the L{Limits} on each client.
     """
 
     protocol = BrokerProtocol
     noisy = False
 
-    def __init__(self, broker, max_line=DEFAULT_MAX_LINE, idle_timeout=IDLE_TIMEOUT):
+    def __init__(
+        self,
+        broker,
+        max_line=DEFAULT_MAX_LINE,
+        idle_timeout=IDLE_TIMEOUT,
+        portal=None,
+        limits=None,
+    ):
         self.broker = broker
         self.max_line = max_line
         self.idle_timeout = idle_timeout
+        self.portal = portal
+        self.limits = limits or Limits()
+        self.admission = Admission(self.limits)

@@ -53,7 +53,8 @@ class Consumer:
     armed: bool = False
 
     def has_room(self):
-        return self.held < self.prefetch and not self.session.paused
+        session = self.session
+        return self.held < self.prefetch and not (session.paused or session.full)
 
 
 @attrs.define(eq=False)
@@ -79,8 +80,11 @@ class Session:
     @ivar consuming: queue -> L{Consumer}.
     @ivar in_flight: the entries sent to it and not yet acknowledged (a
         dict used as an ordered set).
+    @ivar max_unacked: the most messages in flight to it.
     @ivar paused: its transport's buffer is full: send nothing more until it
         drains.
+    @ivar full: it has C{max_unacked} messages in flight: send nothing more
+        until some are acknowledged or given back.
     @ivar catchups: C{getAll}s not finished yet, in order.
     @ivar ack_timeout, timed, armed: as for a L{Consumer}, for the messages
         sent by C{getAll}.
@@ -88,9 +92,11 @@ class Session:
 
     connection: object
     ack_timeout: float
+    max_unacked: int
     consuming: dict = attrs.Factory(dict)
     in_flight: dict = attrs.Factory(dict)
     paused: bool = False
+    full: bool = False
     catchups: deque = attrs.Factory(deque)
     timed: OrderedDict = attrs.Factory(OrderedDict)
     armed: bool = False

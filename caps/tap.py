@@ -3,13 +3,25 @@ The C{twistd caps-broker} command: options and the service they build.
 """
 
 from twisted.application import service
+from twisted.cred import credentials, portal, strcred
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from caps.broker import ACK_TIMEOUT, MAX_DELIVERIES, MAX_QUEUE, PREFETCH, Broker
-from caps.options import positive_int, seconds
+from caps import limits
+from caps.acl import ACLError, OpenACL, load_acl
+from caps.auth import PasswordFile, PasswordFileError, Realm
+from caps.broker import (
+    ACK_TIMEOUT,
+    MAX_DELIVERIES,
+    MAX_QUEUE,
+    MAX_SUBSCRIPTIONS,
+    MAX_UNACKED,
+    PREFETCH,
+    Broker,
+)
+from caps.options import positive_int, rate, seconds
 from caps.protocol import DEFAULT_MAX_LINE, IDLE_TIMEOUT, BrokerFactory
 from caps.store import open_store
 from caps.store.sqlite import SYNC_MODES, WINDOW
@@ -17,9 +29,12 @@ from caps.store.sqlite import SYNC_MODES, WINDOW
 DEFAULT_LISTEN = "tcp:3000:interface=127.0.0.1"
 DEFAULT_STORE = "sqlite:caps.sqlite3"
 
+log = Logger()
 
-class Options(usage.Options):
+
+class Options(usage.Options, strcred.AuthOptionMixin):
     synopsis = "[options]"
+    supportedInterfaces = (credentials.IUsernamePassword,)
     longdesc = (
         "Run the CAPS queue broker: newline-delimited JSON over TCP (or any "
         "Twisted server endpoint). See docs/protocol.md."
@@ -111,11 +126,87 @@ class Options(usage.Options):
             "connection is closed; 0 for never.",
             seconds,
         ],
+        [
+            "acl",
+            None,
+            None,
+            "With --auth: a TOML file saying which clientId may publish, address "
+            "and consume what (docs/security.md); default: anything, but only "
+            "its own queues.",
+        ],
+        [
+            "max-connections",
+            None,
+            limits.MAX_CONNECTIONS,
+            "Most connections open at once.",
+            positive_int,
+        ],
+        [
+            "max-connections-per-address",
+            None,
+            limits.MAX_PER_ADDRESS,
+            "Most connections open at once from one IP address.",
+            positive_int,
+        ],
+        [
+            "max-subscriptions",
+            None,
+            MAX_SUBSCRIPTIONS,
+            "Most queues one connection may consume.",
+            positive_int,
+        ],
+        [
+            "max-unacked",
+            None,
+            MAX_UNACKED,
+            "Most unacknowledged messages in flight to one connection, all its "
+            "subscriptions and getAlls together.",
+            positive_int,
+        ],
+        [
+            "max-payload",
+            None,
+            limits.MAX_PAYLOAD,
+            "Most bytes of a published payload (as compact JSON).",
+            positive_int,
+        ],
+        [
+            "max-rate",
+            None,
+            limits.MAX_RATE,
+            "Frames a second one connection may send on average (a second's "
+            "worth at once); past it frames get rate-limited. 0 for no limit.",
+            rate,
+        ],
+        [
+            "line-timeout",
+            None,
+            limits.LINE_TIMEOUT,
+            "Seconds a client may take to finish a line it started; 0 for no limit.",
+            seconds,
+        ],
     ]
 
     def __init__(self):
         super().__init__()
         self["listen"] = []
+
+    def opt_auth(self, description):
+        kind, _, path = description.partition(":")
+        if kind != "file":
+            return super().opt_auth(description)
+        try:
+            checker = PasswordFile(path)
+        except PasswordFileError as e:
+            raise usage.UsageError(str(e)) from None
+        self.addChecker(checker)
+
+    opt_auth.__doc__ = (
+        "Require a login, checked by this twisted.cred checker (repeatable): "
+        "file:PATH for a file of scrypt hashes made with python -m caps.passwd, "
+        "or another of strcred's (--help-auth)."
+    )
+    opt_a = opt_auth
 
     def opt_listen(self, description):
         """
@@ -132,7 +223,9 @@ class Options(usage.Options):
         for description in self["listen"]:
             try:
                 endpoints.serverFromString(reactor, description)
-            except ValueError as e:
+            except Exception as e:
+                # The ssl: parser reads its files: a missing or bad one
+                # raises OSError, OpenSSL's errors or VerifyError.
                 raise usage.UsageError(f"bad --listen {description!r}: {e}") from None
         kind, _, path = self["store"].partition(":")
         if not (kind == "memory" and not path or kind == "sqlite" and path):
@@ -143,6 +236,13 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--sync must be full or normal (not {self['sync']!r})"
             )
+        if self["acl"] is not None:
+            if not self["credCheckers"]:
+                raise usage.UsageError("--acl needs --auth")
+            try:
+                self["acl"] = load_acl(self["acl"])
+            except ACLError as e:
+                raise usage.UsageError(str(e)) from None
 
 
 class ListenError(SystemExit):
@@ -243,11 +343,33 @@ def makeService(options, reactor=None):
         prefetch=options["prefetch"],
         max_deliveries=options["max-deliveries"],
         max_queue=options["max-queue"],
+        max_subscriptions=options["max-subscriptions"],
+        max_unacked=options["max-unacked"],
         default_ttl=options["default-ttl"] or None,
         log_events=not options["no-event-log"],
     )
+    checkers = options.get("credCheckers") or []
+    if checkers:
+        guard = portal.Portal(Realm(options["acl"] or OpenACL()), checkers)
+    else:
+        guard = None
+        log.warn(
+            "CAPS broker is OPEN: no --auth, so anyone who can connect may act "
+            "as any clientId. Listening on {listen}.",
+            listen=", ".join(options["listen"]),
+        )
     factory = BrokerFactory(
-        broker, max_line=options["max-line"], idle_timeout=options["idle-timeout"]
+        broker,
+        max_line=options["max-line"],
+        idle_timeout=options["idle-timeout"],
+        portal=guard,
+        limits=limits.Limits(
+            max_connections=options["max-connections"],
+            max_per_address=options["max-connections-per-address"],
+            max_payload=options["max-payload"],
+            rate=options["max-rate"],
+            line_timeout=options["line-timeout"],
+        ),
     )
     top = service.MultiService()
     StoreService(store, broker).setServiceParent(top)

@@ -14,6 +14,7 @@ import attrs
 from twisted.internet import defer, task
 
 from caps import app
+from caps.driver import DRIVERS
 from caps.options import seconds
 
 CUSTOMERS = (
@@ -91,7 +92,7 @@ class Vendor:
         self.placed += 1
         self._undelivered.add(order["orderId"])
         d = self.client.publish(
-            "pickup", order, to="driver", message_id="pickup:" + order["orderId"]
+            "pickup", order, to=DRIVERS, message_id="pickup:" + order["orderId"]
         )
 
         def refused(failure):
@@ -144,6 +145,7 @@ class Options(app.AppOptions):
     ]
 
     def postOptions(self):
+        super().postOptions()
         app.check_name(self["store"], "--store")
 
 
@@ -160,6 +162,7 @@ def main(reactor, *argv):
             interval=options["interval"],
             orders=options["orders"],
         ),
+        client_id=options["store"],
     )
 
 

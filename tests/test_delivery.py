@@ -127,7 +127,7 @@ class AckTimeoutMoreTests(_BrokerCase):
 
     def test_many_timeouts_at_once(self):
         """Tens of thousands of messages timing out together go back in one pass, in order."""
-        self.broker = self.make_broker(ack_timeout=5)
+        self.broker = self.make_broker(ack_timeout=5, max_unacked=20_000)
         poller = self.connect()
         for n in range(20_000):
             self.publish(n, to="acme", event="delivered")

@@ -225,7 +225,6 @@ class ParseTests(SynchronousTestCase):
             "ok",
             "error",
             "pong",
-            "login",
             "logout",
             "hello",
             "join",

@@ -241,7 +241,7 @@ class ProtocolTests(SynchronousTestCase):
         self.assertError(
             client, frame("delivered", [1], id=6), "bad-frame", 6, "payload"
         )
-        self.assertError(client, frame("login", {}, id=7), "reserved-event", 7)
+        self.assertError(client, frame("logout", {}, id=7), "reserved-event", 7)
         self.assertError(client, frame("bad name", {}, id=8), "bad-name", 8)
         client.send(frame("ping", id=9))
         self.assertEqual(client.frames(), [{"event": "pong", "payload": {}, "id": 9}])

@@ -45,7 +45,10 @@ def subscribe(address, prefetch):
 
 class SlowConsumerTests(SynchronousTestCase):
     def run_broker(self, stuck):
-        broker = RunningBroker("memory", "--ack-timeout", "0", "--max-queue", "300000")
+        # The publisher is a bulk loader: no frame rate limit for it.
+        broker = RunningBroker(
+            "memory", "--ack-timeout", "0", "--max-queue", "300000", "--max-rate", "0"
+        )
         self.addCleanup(broker.stop)
         if stuck:
             sock = subscribe(broker.address, 1_000_000)

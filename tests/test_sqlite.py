@@ -488,7 +488,7 @@ class BacklogTests(_Files, SynchronousTestCase):
         self.clock.advance(0)
         self.successResultOf(store.close())
         store = self.open()
-        broker = Broker(self.clock, store=store)
+        broker = Broker(self.clock, store=store, max_unacked=100_000)
         # Only the store's window of it is in memory after the restart.
         queue = broker.queue("q", "e")
         self.assertEqual((queue.in_memory, len(queue)), (store.window, 100_000))

@@ -27,6 +27,7 @@ from twisted.internet.endpoints import (
     serverFromString,
 )
 from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from caps.broker import Broker
@@ -222,23 +223,29 @@ async def test_name_not_in_certificate_fails(reactor, server, certs):
 async def test_caps_client_with_other_ca_gets_nothing_through(
     reactor, server, certs, other_certs, connect
 ):
-    """A CapsClient that trusts another CA loses each connection it makes, and its publish never reaches the broker."""
+    """A CapsClient that trusts another CA never counts as connected, warns of each failed handshake, and its publish never reaches the broker."""
     seen = Collector(reactor)
     trusted = connect(tls_connect(server.port, certs.ca_dir))
     await caught_up(reactor, trusted, "driver", "pickup", seen)
-    refused = connect(tls_connect(server.port, other_certs.ca_dir))
-    drops = []
+    failures = []
     twice = defer.Deferred()
 
-    def dropped():
-        drops.append(None)
-        if len(drops) == 2 and not twice.called:
-            twice.callback(None)
+    def observe(event):
+        if event.get("log_format", "").startswith("TLS with the broker failed"):
+            failures.append(event)
+            if len(failures) == 2 and not twice.called:
+                twice.callback(None)
 
-    refused.on_disconnect = dropped
-    confirmed = refused.publish("pickup", {"orderId": "refused"}, to="driver")
-    # The first connection and the retry after back-off both fail.
-    await twice.addTimeout(TIMEOUT, reactor)
+    globalLogPublisher.addObserver(observe)
+    try:
+        refused = connect(tls_connect(server.port, other_certs.ca_dir))
+        confirmed = refused.publish("pickup", {"orderId": "refused"}, to="driver")
+        # The first connection and the retry after back-off both fail.
+        await twice.addTimeout(TIMEOUT, reactor)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert "certificate verify failed" in str(failures[0]["why"])
+    assert not refused.connected
     await trusted.publish("pickup", {"orderId": "trusted"}, to="driver")
     await seen.reached(1)
     assert [d.payload["orderId"] for d in seen.items] == ["trusted"]

@@ -174,5 +174,18 @@ def broker_process(args, relay=False):
     if relay:
         command = (sys.executable, "-m", "caps.relay", *args)
     else:
-        command = broker_command("--listen", "tcp:0:interface=127.0.0.1", *args)
+        # One producer connection publishes as fast as it can, and the
+        # connection benchmark opens 10,000 connections from one address:
+        # no per-connection rate or per-address limit.
+        command = broker_command(
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "--max-rate",
+            "0",
+            "--max-connections",
+            "100000",
+            "--max-connections-per-address",
+            "100000",
+            *args,
+        )
     return BrokerProcess(command)
