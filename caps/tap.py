@@ -237,7 +237,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 f"--sync must be full or normal (not {self['sync']!r})"
             )
         if self["acl"] is not None:
-            if not self["credCheckers"]:
+            if not self.get("credCheckers"):
                 raise usage.UsageError("--acl needs --auth")
             try:
                 self["acl"] = load_acl(self["acl"])

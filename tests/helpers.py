@@ -53,7 +53,7 @@ class MemoryNetwork:
 
     PORT = 3000
 
-    def __init__(self):
+    def __init__(self, portal=None):
         from twisted.internet.endpoints import TCP4ServerEndpoint
         from twisted.internet.testing import MemoryReactorClock
         from twisted.test.iosim import ConnectionCompleter
@@ -63,7 +63,9 @@ class MemoryNetwork:
 
         self.reactor = MemoryReactorClock()
         self.broker = Broker(self.reactor)
-        TCP4ServerEndpoint(self.reactor, self.PORT).listen(BrokerFactory(self.broker))
+        TCP4ServerEndpoint(self.reactor, self.PORT).listen(
+            BrokerFactory(self.broker, portal=portal)
+        )
         self._completer = ConnectionCompleter(self.reactor)
         self.pumps = []
 
@@ -72,13 +74,13 @@ class MemoryNetwork:
 
         return TCP4ClientEndpoint(self.reactor, "127.0.0.1", self.PORT)
 
-    def client(self):
+    def client(self, credentials=None):
         """
         A started L{CapsClient}, connected.
         """
         from caps.client import CapsClient
 
-        client = CapsClient(self.endpoint(), self.reactor)
+        client = CapsClient(self.endpoint(), self.reactor, credentials=credentials)
         client.start()
         self.complete()
         return client

@@ -450,3 +450,55 @@ class ClientLivenessTests(_ClientCase):
         self.assertEqual(len(self.net.broker.queue("driver", "pickup")), 0)
         [dead] = self.net.broker.queue("driver", "pickup.dead").entries()
         self.assertEqual((dead.deliveries, dead.dead[0]), (3, "max-deliveries"))
+
+
+class LoginTests(SynchronousTestCase):
+    def setUp(self):
+        from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+        from twisted.cred.portal import Portal
+
+        from caps.acl import OpenACL
+        from caps.auth import Realm
+
+        checker = InMemoryUsernamePasswordDatabaseDontUse(acme=b"acme-password")
+        self.net = MemoryNetwork(portal=Portal(Realm(OpenACL()), [checker]))
+
+    def test_logs_in_first(self):
+        """With credentials, the client logs in before its subscriptions and publishes, on every connection."""
+        client = self.net.client(credentials=("acme", "acme-password"))
+        got = []
+        client.subscribe("acme", "delivered", got.append)
+        d = client.publish("delivered", {"n": 1}, to="acme")
+        self.net.flush()
+        self.assertEqual(self.successResultOf(d)["queues"], 1)
+        self.assertEqual([m.payload for m in got], [{"n": 1}])
+        self.net.drop(self.net.pumps[0])
+        self.net.advance(10)
+        self.assertTrue(client.connected)
+        d = client.publish("delivered", {"n": 2}, to="acme")
+        self.net.flush()
+        self.successResultOf(d)
+        self.assertEqual([m.payload for m in got], [{"n": 1}, {"n": 2}])
+
+    def test_refused_login(self):
+        """With a wrong password the client never counts as connected, sends nothing else, logs why, and tries again later."""
+        from twisted.logger import globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        client = self.net.client(credentials=("acme", "wrong-password"))
+        client.subscribe("acme", "delivered", lambda m: None)
+        d = client.publish("delivered", {"n": 1}, to="acme")
+        self.net.advance(1.1)
+        refusals = [e for e in events if "refused the login" in e.get("log_format", "")]
+        self.assertEqual(len(refusals), 1)
+        self.assertEqual(refusals[0]["error"].code, "login-failed")
+        self.assertFalse(client.connected)
+        self.assertNoResult(d)
+        self.assertIsNone(self.net.broker.queue("acme", "delivered"))
+        # It reconnects and tries again (and is refused again).
+        self.net.advance(10)
+        refusals = [e for e in events if "refused the login" in e.get("log_format", "")]
+        self.assertGreater(len(refusals), 1)
+        self.assertIsNone(self.net.broker.queue("acme", "delivered"))

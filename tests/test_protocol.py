@@ -30,11 +30,9 @@ class Client:
     One connection to the broker over a StringTransport.
     """
 
-    def __init__(self, factory, port):
-        self.protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
-        self.transport = StringTransport(
-            peerAddress=IPv4Address("TCP", "127.0.0.1", port)
-        )
+    def __init__(self, factory, port, host="127.0.0.1"):
+        self.protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
         self.protocol.makeConnection(self.transport)
 
     def send(self, data):

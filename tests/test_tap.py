@@ -9,11 +9,13 @@ import tempfile
 from twisted.application.service import IServiceMaker
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from caps import tap
+from caps.auth import PasswordFile, hash_password
 from caps.protocol import BrokerFactory
 
 
@@ -131,6 +133,87 @@ class ServiceTests(SynchronousTestCase):
             ),
             (5.0, 7, 3, 100, 60.0, False),
         )
+
+    def test_limits(self):
+        """The limit options reach the broker and the connection factory."""
+        service = self.make(
+            MemoryReactor(),
+            "--max-connections",
+            "11",
+            "--max-connections-per-address",
+            "12",
+            "--max-subscriptions",
+            "13",
+            "--max-unacked",
+            "14",
+            "--max-payload",
+            "15",
+            "--max-rate",
+            "16.5",
+            "--line-timeout",
+            "17",
+        )
+        [store_service, listener] = list(service)
+        broker = store_service.broker
+        limits = listener.factory.limits
+        self.assertEqual(
+            (
+                limits.max_connections,
+                limits.max_per_address,
+                broker.max_subscriptions,
+                broker.max_unacked,
+                limits.max_payload,
+                limits.rate,
+                limits.line_timeout,
+            ),
+            (11, 12, 13, 14, 15, 16.5, 17.0),
+        )
+        for bad in (("--max-rate", "-1"), ("--max-unacked", "0")):
+            self.assertRaises(usage.UsageError, self.make, MemoryReactor(), *bad)
+
+    def test_open_broker_warns(self):
+        """Without --auth the broker warns that it is open; with it, it does not, and a login is needed."""
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        service = self.make(MemoryReactor())
+        self.assertIsNone(list(service)[1].factory.portal)
+        warnings = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("CAPS broker is OPEN", warnings[0])
+        self.assertIn("tcp:3000:interface=127.0.0.1", warnings[0])
+        del events[:]
+        service = self.make(MemoryReactor(), "--auth", "memory:acme:secret")
+        self.assertIsNotNone(list(service)[1].factory.portal)
+        self.assertEqual([e for e in events if e["log_level"] == LogLevel.warn], [])
+
+    def test_auth_and_acl(self):
+        """--auth file: reads a password file of hashes, --acl a TOML file; bad ones are usage errors."""
+        scratch = tempfile.TemporaryDirectory(prefix="caps-tap-")
+        self.addCleanup(scratch.cleanup)
+        passwords = os.path.join(scratch.name, "passwords.txt")
+        with open(passwords, "w") as f:
+            f.write(f"acme:{hash_password('secret-pw', n=16)}\n")
+        acl = os.path.join(scratch.name, "acl.toml")
+        with open(acl, "w") as f:
+            f.write('[acme]\nconsume = ["delivered"]\n')
+        options = tap.Options()
+        options.parseOptions(["--auth", f"file:{passwords}", "--acl", acl])
+        [checker] = options["credCheckers"]
+        self.assertIsInstance(checker, PasswordFile)
+        permissions = options["acl"].permissions("acme")
+        self.assertIsNone(permissions.consume_refusal("acme", "delivered"))
+        self.assertIsNotNone(permissions.publish_refusal("pickup", ()))
+        with open(acl, "w") as f:
+            f.write("[acme]\nconsume = 1\n")
+        for argv, mentions in (
+            (["--auth", f"file:{acl}x"], "cannot read password file"),
+            (["--auth", f"file:{acl}"], "not clientId:scrypt$"),
+            (["--auth", f"file:{passwords}", "--acl", acl], "list of strings"),
+            (["--acl", acl], "--acl needs --auth"),
+        ):
+            e = self.assertRaises(usage.UsageError, tap.Options().parseOptions, argv)
+            self.assertIn(mentions, str(e))
 
     def test_queue_window_reaches_the_store(self):
         """--queue-window reaches the SQLite store the broker runs on."""
