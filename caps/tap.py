@@ -283,7 +283,9 @@ class ListenService(service.Service):
                 raise ListenError(f"caps-broker: {description} did not start listening")
             self.ports.append(port)
             self.log.info(
-                "CAPS broker listening on {address}", address=_address(port.getHost())
+                "CAPS broker listening on {address}{tls}",
+                address=_address(port.getHost()),
+                tls=" (TLS)" if description.startswith("ssl:") else "",
             )
 
     def startService(self):
@@ -297,6 +299,22 @@ class ListenService(service.Service):
         return defer.gatherResults(
             [defer.maybeDeferred(p.stopListening) for p in ports]
         )
+
+
+_LOOPBACK = ("127.", "::1", "localhost")
+
+
+def _loopback_only(description):
+    """
+    Whether a server endpoint description listens on loopback only (or on
+    a UNIX socket): TCP and TLS endpoints without C{interface=} listen on
+    every interface.
+    """
+    # (Twisted's own parser of descriptions, for their escapes.)
+    args, kwargs = endpoints._parse(description)
+    if args and args[0] == "unix":
+        return True
+    return kwargs.get("interface", "").startswith(_LOOPBACK)
 
 
 def _address(address):
@@ -353,10 +371,12 @@ def makeService(options, reactor=None):
         guard = portal.Portal(Realm(options["acl"] or OpenACL()), checkers)
     else:
         guard = None
+        exposed = [d for d in options["listen"] if not _loopback_only(d)]
         log.warn(
             "CAPS broker is OPEN: no --auth, so anyone who can connect may act "
-            "as any clientId. Listening on {listen}.",
+            "as any clientId. Listening on {listen}.{exposed}",
             listen=", ".join(options["listen"]),
+            exposed=(f" NOT loopback only: {', '.join(exposed)}" if exposed else ""),
         )
     factory = BrokerFactory(
         broker,

@@ -182,6 +182,20 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(len(warnings), 1)
         self.assertIn("CAPS broker is OPEN", warnings[0])
         self.assertIn("tcp:3000:interface=127.0.0.1", warnings[0])
+        self.assertNotIn("NOT loopback", warnings[0])
+        del events[:]
+        self.make(
+            MemoryReactor(),
+            "--listen",
+            "unix:/tmp/caps.sock",
+            "--listen",
+            r"tcp6:3000:interface=\:\:1",
+            "--listen",
+            "tcp:3001",
+        )
+        [warning] = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+        self.assertIn("NOT loopback only: tcp:3001", warning)
+        self.assertNotIn("::1,", warning.split("NOT")[1])
         del events[:]
         service = self.make(MemoryReactor(), "--auth", "memory:acme:secret")
         self.assertIsNotNone(list(service)[1].factory.portal)
