@@ -32,7 +32,15 @@ PING_INTERVAL = 30.0
 # Errors that say a frame can never succeed; any other error (the store is
 # failing, the broker hit a bug, a limit) is worth trying again.
 FINAL_ERRORS = frozenset(
-    {"bad-json", "bad-frame", "bad-name", "reserved-event", "line-too-long"}
+    {
+        "bad-json",
+        "bad-frame",
+        "bad-name",
+        "reserved-event",
+        "line-too-long",
+        "forbidden",
+        "payload-too-large",
+    }
 )
 # Seconds before trying a refused publish or a failed handler again,
 # doubling each time up to the maximum.

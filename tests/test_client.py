@@ -463,6 +463,24 @@ class LoginTests(SynchronousTestCase):
         checker = InMemoryUsernamePasswordDatabaseDontUse(acme=b"acme-password")
         self.net = MemoryNetwork(portal=Portal(Realm(OpenACL()), [checker]))
 
+    def test_forbidden_is_final(self):
+        """A frame the broker forbids fails at once and is not sent again."""
+        from twisted.logger import globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        client = self.net.client(credentials=("acme", "acme-password"))
+        client.subscribe("other", "delivered", lambda m: None)
+        self.net.advance(5)
+        refusals = [
+            e["error"].code
+            for e in events
+            if e.get("log_format", "").startswith("subscribe to")
+        ]
+        self.assertEqual(refusals, ["forbidden"])
+        self.assertIsNone(self.net.broker.queue("other", "delivered"))
+
     def test_logs_in_first(self):
         """With credentials, the client logs in before its subscriptions and publishes, on every connection."""
         client = self.net.client(credentials=("acme", "acme-password"))
