@@ -6,8 +6,12 @@ file and the caps.passwd command.
 
 import io
 import os
+import re
 import stat
+import subprocess
+import sys
 import tempfile
+import time
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import UsernamePassword
@@ -31,6 +35,7 @@ from caps.broker import Broker
 from caps.gate import LOGIN_DELAY, LOGIN_DELAY_MAX, MAX_LOGIN_FAILURES
 from caps.protocol import BrokerFactory
 
+from .processes import RunningBroker
 from .test_protocol import Client, frame
 
 PASSWORDS = {
@@ -529,3 +534,91 @@ class PasswdCommandTests(SynchronousTestCase):
             self.run_command("--stdin", self.path, "not valid", stdin="long-enough\n")
         with self.assertRaises(SystemExit):
             self.run_command("--delete", self.path, "nobody")
+
+
+class TwistdAuthTests(SynchronousTestCase):
+    """
+    The real broker with --auth file: and --acl, and the real vendor and
+    driver apps logging in with --password-file, as processes on 127.0.0.1.
+    """
+
+    def setUp(self):
+        scratch = tempfile.TemporaryDirectory(prefix="caps-auth-")
+        self.addCleanup(scratch.cleanup)
+        self.dir = scratch.name
+        self.passwords = os.path.join(self.dir, "passwords.txt")
+        for client_id in ("acme-widgets", "driver"):
+            passwd.main(
+                ["--stdin", self.passwords, client_id],
+                stdin=io.StringIO(PASSWORDS[client_id] + "\n"),
+                stdout=io.StringIO(),
+            )
+        acl = os.path.join(self.dir, "acl.toml")
+        with open(acl, "w") as f:
+            f.write(ACL)
+        self.broker = RunningBroker(
+            "memory", "--auth", f"file:{self.passwords}", "--acl", acl
+        )
+        self.addCleanup(self.broker.stop)
+
+    def app(self, module, password, *args):
+        path = os.path.join(self.dir, f"{module}-{len(os.listdir(self.dir))}.pw")
+        with open(path, "w") as f:
+            f.write(password + "\n")
+        host, port = self.broker.address
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                f"caps.{module}",
+                "--broker",
+                f"tcp:{host}:{port}",
+                "--password-file",
+                path,
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.addCleanup(_stop, process)
+        return process
+
+    def test_apps_log_in_and_deliver(self):
+        """A vendor and a driver with their passwords get an order placed, delivered and thanked for; no password reaches the broker's log."""
+        driver = self.app(
+            "driver", PASSWORDS["driver"], "--orders", "1", "--delay", "0.2"
+        )
+        vendor = self.app("vendor", PASSWORDS["acme-widgets"], "--orders", "1")
+        out, err = vendor.communicate(timeout=60)
+        self.assertEqual(vendor.returncode, 0, err)
+        self.assertIn("Thank you for delivering", out)
+        driver.communicate(timeout=30)
+        self.assertEqual(driver.returncode, 0)
+        log = self.broker.text()
+        self.assertIn("logged in as acme-widgets", log)
+        self.assertIn("logged in as driver", log)
+        for password in PASSWORDS.values():
+            self.assertNotIn(password, log)
+
+    def test_wrong_password(self):
+        """A vendor with a wrong password says the login was refused and places no order."""
+        vendor = self.app("vendor", "not-the-password", "--orders", "1")
+        deadline = time.monotonic() + 30
+        # The answer comes after the delay; the app then reports it and
+        # drops the connection.
+        while not re.search(r"failed to log in(.|\n)*disconnected", self.broker.text()):
+            self.assertLess(time.monotonic(), deadline, self.broker.text())
+            time.sleep(0.05)
+        vendor.terminate()
+        out, err = vendor.communicate(timeout=30)
+        self.assertIn("refused the login as acme-widgets", err)
+        self.assertIn("login-failed", err)
+        self.assertNotIn("not-the-password", self.broker.text())
+        self.assertNotIn("placed order", out)
+
+
+def _stop(process):
+    if process.poll() is None:
+        process.kill()
+        process.communicate()
