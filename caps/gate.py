@@ -7,6 +7,7 @@ may take to finish a line.  Mixed into L{caps.protocol.BrokerProtocol}.
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import task
+from twisted.internet.interfaces import ISSLTransport
 
 from caps import frames
 from caps.auth import IClient
@@ -91,9 +92,15 @@ class Gate:
         self._partial_since = None
         self._line_timer = None
         self.max_payload = limits.max_payload
+        self._handshake_timer = None
+        if self._line_timeout and ISSLTransport.providedBy(self.transport):
+            # A TLS handshake is the first line a client must finish.
+            self._handshake_timer = self.callLater(
+                self._line_timeout, self._handshake_timeout
+            )
 
     def _close_gate(self):
-        for call in (self._rate_resume, self._line_timer):
+        for call in (self._rate_resume, self._line_timer, self._handshake_timer):
             if call is not None and call.active():
                 call.cancel()
         if self._rate_refusals:
@@ -150,7 +157,7 @@ class Gate:
                 "{peer} sends more than {rate} frames a second; refusing the "
                 "excess (not logged again for this connection)",
                 peer=self.peer,
-                rate=self._rate,
+                rate=f"{self._rate:g}",
             )
         self._rate_refusals += 1
         self._buffer = later
@@ -165,7 +172,22 @@ class Gate:
             # The lines kept back.
             self.dataReceived(b"")
 
-    # Unfinished lines (slowloris)
+    # Unfinished lines (slowloris), and unfinished TLS handshakes
+
+    def handshakeCompleted(self):
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+
+    def _handshake_timeout(self):
+        self._handshake_timer = None
+        self.log.info(
+            "{peer} did not finish its TLS handshake in {seconds} s; closing",
+            peer=self.peer,
+            seconds=self._line_timeout,
+        )
+        # No TLS yet: nothing can be said to it.
+        self.transport.abortConnection()
 
     def _watch_partial(self, now, started):
         """

@@ -7,6 +7,7 @@ from collections import deque
 from datetime import datetime, timezone
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -55,7 +56,7 @@ class _Valve:
         pass
 
 
-@implementer(IConnection)
+@implementer(IConnection, IHandshakeListener)
 class BrokerProtocol(LineReceiver, TimeoutMixin, Gate, Replies):
     """
     One client connection: newline-delimited JSON frames in, replies and

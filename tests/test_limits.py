@@ -6,8 +6,12 @@ payload size, frame rate, and time to finish a line.
 
 import json
 
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import directlyProvides
 
 from caps.broker import Broker
 from caps.limits import Limits
@@ -210,3 +214,27 @@ class LineTimeoutTests(_LimitCase):
         self.assertEqual(self.codes(client), ["pong"] * 20)
         client.close()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def tls_connect(self):
+        """
+        A connection whose transport looks like TLS to the protocol.
+        """
+        client = Client.__new__(Client)
+        address = IPv4Address("TCP", "127.0.0.1", next(self.ports))
+        client.protocol = self.factory.buildProtocol(address)
+        client.transport = StringTransport(peerAddress=address)
+        directlyProvides(client.transport, ISSLTransport)
+        client.protocol.makeConnection(client.transport)
+        return client
+
+    def test_tls_handshake(self):
+        """A TLS client that does not finish its handshake within the line timeout is cut off; one that does is kept."""
+        self.make(line_timeout=10)
+        stalled, finished = self.tls_connect(), self.tls_connect()
+        self.clock.advance(5)
+        finished.protocol.handshakeCompleted()
+        self.clock.advance(5)
+        self.assertTrue(stalled.transport.disconnected)
+        self.assertFalse(finished.transport.disconnecting)
+        finished.send(frame("ping", id=1))
+        self.assertEqual(self.codes(finished), ["pong"])

@@ -151,6 +151,8 @@ async def test_subscribe_and_receive_over_tls(reactor, server, certs, connect):
     ]
     assert len(server.protocols) == 2
     assert all(ISSLTransport.providedBy(p.transport) for p in server.protocols)
+    # The broker saw each handshake finish: no timer left to cut them off.
+    assert [p._handshake_timer for p in server.protocols] == [None, None]
 
 
 class Recorder(protocol.Protocol):

@@ -1,0 +1,826 @@
+"""
+Hostile input against the broker's protocol (issue 6): hypothesis feeds a
+connection arbitrary bytes, arbitrary JSON, near-valid frames (a valid
+frame with one field made wrong), 1 MiB lines, thousands of frames in one
+packet, and a valid session split at every byte.
+
+Whatever comes in:
+
+- nothing raises out of C{dataReceived}, nothing is logged as a failure,
+  and no C{internal-error} is sent;
+- every line the broker writes is a JSON object: an C{ok}, C{error} or
+  C{pong} reply, or a delivery; an error has a code and a one-line message
+  with no traceback and no path;
+- the connection stays open, or was closed cleanly (C{loseConnection},
+  never aborted) after an error saying why; a line over the limit always
+  closes it, with one C{line-too-long} and nothing after;
+- another connection's queue is untouched: before each example a victim
+  subscribes to (victim-<random hex>, victim-<random hex>) and holds
+  messages; afterwards it holds exactly those, in the same states, and the
+  victim was sent nothing.  No strategy can name that queue: the names
+  they draw never contain a "v", and the suffixes are 64 random bits.
+
+tests/fuzz_frames.py is the coverage-guided (atheris) counterpart, run by
+C{tox -e fuzz}.
+"""
+
+import functools
+import itertools
+import json
+import os
+import re
+import secrets
+import tempfile
+import unittest
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from caps.broker import Broker
+from caps.frames import NAME, RESERVED_EVENTS
+from caps.protocol import DEFAULT_MAX_LINE, BrokerFactory
+from caps.store.sqlite import SQLiteStore
+
+
+def fuzz(examples):
+    """
+    Hypothesis settings for a fuzz test: C{examples} examples, no deadline
+    (a 1 MiB line takes its time).
+    """
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+# Error codes: any stable code but internal-error (a whitelist would break
+# with each new limit).
+CODE = re.compile(r"[a-z]+(-[a-z]+)*\Z")
+# An error message never carries these, unless the client sent them itself
+# (a bad-name message quotes the name it refuses).
+LEAKS = ("traceback", ".py", "/caps/", 'file "')
+DELIVERY_KEYS = {"event", "clientId", "messageId", "payload", "redelivered"}
+DELIVERY_KEYS |= {"deliveries"}
+VICTIM_MESSAGES = 5
+# A known bug (FuzzFindingsTests.test_one_line_too_long_error): a second
+# line over the limit in the read that closed the connection gets a
+# second line-too-long (and a second close, whose abort timer is then not
+# cancelled).  Set to False when that test's marker goes.
+LINE_TOO_LONG_TWICE = True
+MIB = 1024 * 1024
+
+# Strategies.  Nothing here can produce a "v": see the module docstring.
+
+NAMES = st.text(alphabet="abxy01", min_size=1, max_size=2)
+# Lone surrogates too, which JSON can carry as \ud800 but UTF-8 cannot.
+TEXT = st.text(
+    st.one_of(
+        st.characters(exclude_characters="vV"),
+        st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF),
+    ),
+    max_size=12,
+)
+FIELDS = st.sampled_from(
+    [
+        "event",
+        "id",
+        "payload",
+        "to",
+        "messageId",
+        "ttl",
+        "clientId",
+        "filter",
+        "prefetch",
+        "ackTimeout",
+        "maxLength",
+        "delete",
+        "delay",
+    ]
+)
+EVENTS = st.one_of(NAMES, st.sampled_from(sorted(RESERVED_EVENTS)), TEXT)
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | TEXT
+    | NAMES,
+    lambda kids: (
+        st.lists(kids, max_size=4) | st.dictionaries(FIELDS | TEXT, kids, max_size=4)
+    ),
+    max_leaves=12,
+)
+SMALL_PAYLOADS = st.dictionaries(
+    st.sampled_from(["n", "store", "x"]), st.integers(0, 2) | NAMES, max_size=2
+)
+MESSAGE_IDS = st.sampled_from(["m0", "m1", "m2"])
+CONTROL = ["subscribe", "unsubscribe", "getAll", "getall", "received", "nack"]
+CONTROL += ["requeue", "ping"]
+
+
+def _deep(n, open_=b"[", close=b"]", inner=b"1"):
+    return open_ * n + inner + close * n
+
+
+# Raw JSON texts a field is replaced with.  Deep nesting stays away from
+# the depth at which a value just parses (see FuzzFindingsTests).
+BAD_VALUES = [
+    # wrong types
+    *(b"true", b"false", b"null", b"0", b"-1", b"1", b'""', b'"x"', b'"1"'),
+    *(b"[]", b"{}", b"[1]", b'{"a":1}', b'["a","b"]'),
+    # integers beyond 64 bits, and of 4300, 4301 and 5000 digits
+    *(b"18446744073709551616", b"-9223372036854775809", b"1" + b"0" * 30),
+    *(b"9" * 4300, b"1" + b"0" * 4300, b"1" + b"0" * 4999, b"-" + b"7" * 5000),
+    # floats
+    *(b"1.5", b"0.0", b"-0.0", b"1e3", b"5e-324", b"1e308", b"1e999", b"-1e999"),
+    *(b"1.7976931348623157e308", b"0.1", b"2.5e-10"),
+    # NaN and its friends, which strict JSON has not
+    *(b"NaN", b"-NaN", b"Infinity", b"-Infinity", b"nan", b"inf"),
+    # deep nesting
+    *(_deep(10), _deep(100), _deep(500), _deep(5000), _deep(50_000)),
+    *(_deep(100, b'{"a":', b"}"), _deep(5000, b'{"a":', b"}")),
+    # invalid UTF-8: a stray byte, a truncated sequence, an encoded
+    # surrogate, past U+10FFFF, an overlong "/"
+    *(b'"\xff"', b'"\xc3"', b'"\xed\xa0\x80"', b'"\xf4\x90\x80\x80"', b'"\xc0\xaf"'),
+    *(b'"a\x80b"', b"\xff"),
+    # lone surrogates as escapes (and one valid pair)
+    *(b'"\\ud800"', b'"\\udfff"', b'"a\\udbffb"', b'"\\udc00\\ud800"'),
+    *(b'"\\ud83d\\ude00"', b'["\\ud800"]', b'{"\\ud800":1}', b'"\\ud800.dead"'),
+    # NUL bytes: raw (not JSON) and escaped
+    *(b'"\x00"', b'"\\u0000"', b'"a\\u0000b"', b"\x00", b'"\\u0000.dead"'),
+    # long strings: names of 64, 65 and 69 characters, messageIds of 128
+    # and 129, and 1 KiB, 60 KiB and 70 KiB (a line over the limit)
+    *(b'"' + b"a" * n + b'"' for n in (64, 65, 69, 70, 128, 129, 1024)),
+    *(b'"' + b"a" * n + b'"' for n in (60_000, 70_000)),
+    b'"' + "\u00e9".encode() * 100 + b'"',
+    # names that break the rule, or are reserved
+    *(b'"a b"', b'"-a"', b'".dead"', b'"a.dead"', b'"ok"', b'"ping"', b'"login"'),
+    *(b'"a\\nb"', b'"\\u00e9"'),
+    # not a value at all
+    *(b"", b"}", b'"unterminated', b",", b"1 2", b"\r"),
+]
+BAD_VALUE = st.one_of(
+    st.sampled_from(BAD_VALUES),
+    st.integers().map(lambda n: str(n).encode()),
+    st.floats(allow_nan=False, allow_infinity=False).map(lambda f: repr(f).encode()),
+    JSON_VALUES.map(lambda v: json.dumps(v).encode()),
+)
+PLACEHOLDER = "@@mutant@@"
+
+
+def _padded(prefix, suffix=b""):
+    return prefix + b"y" * (MIB - len(prefix) - len(suffix)) + suffix
+
+
+MEBIBYTE_LINES = {
+    "ping": _padded(b'{"event":"ping","id":1,"payload":{"x":"', b'"}}'),
+    "publish": _padded(b'{"event":"e","id":1,"to":"a","payload":{"x":"', b'"}}'),
+    "garbage": _padded(b"{"),
+    "utf8": _padded(b'{"event":"ping","id":1,"payload":{"x":"\xff', b'"}}'),
+    "deep": b"[" * MIB,
+    "blank": b" " * MIB,
+}
+
+
+@st.composite
+def valid_frames(draw):
+    """
+    A valid frame (docs/protocol.md, sections 5 and 6) on the fuzzer's own
+    names, without an id.
+    """
+    kind = draw(st.sampled_from([*CONTROL, "publish", "publish"]))
+    payload = {"clientId": draw(NAMES), "event": draw(NAMES)}
+    optional = {}
+    if kind == "subscribe":
+        optional = {
+            "filter": SMALL_PAYLOADS,
+            "prefetch": st.integers(1, 3),
+            "ackTimeout": st.integers(0, 60) | st.floats(0, 60),
+            "maxLength": st.integers(1, 4),
+        }
+    elif kind == "unsubscribe":
+        optional = {"delete": st.booleans()}
+    elif kind in ("received", "nack"):
+        payload["messageId"] = draw(MESSAGE_IDS)
+        if kind == "nack":
+            optional = {"delay": st.integers(0, 5) | st.floats(0, 5)}
+    elif kind == "requeue":
+        optional = {"messageId": MESSAGE_IDS}
+    elif kind == "ping":
+        payload = draw(SMALL_PAYLOADS)
+    elif kind == "publish":
+        frame = {"event": draw(NAMES), "payload": draw(SMALL_PAYLOADS)}
+        optional = {
+            "to": NAMES | st.lists(NAMES, max_size=3),
+            "messageId": MESSAGE_IDS,
+            "ttl": st.integers(1, 60) | st.floats(0.5, 60),
+        }
+        frame.update(draw(st.fixed_dictionaries({}, optional=optional)))
+        return frame
+    payload.update(draw(st.fixed_dictionaries({}, optional=optional)))
+    return {"event": kind, "payload": payload}
+
+
+# Fields a mutation may replace, remove or add, besides those present.
+MUTABLE = [("event",), ("id",), ("payload",), ("to",), ("messageId",), ("ttl",)]
+MUTABLE += [
+    ("payload", key)
+    for key in "clientId event filter prefetch ackTimeout maxLength".split()
+    + "delete messageId delay".split()
+]
+
+
+@st.composite
+def near_valid_frames(draw, request_id):
+    """
+    The line of a valid frame with one field replaced by a bad value, or
+    removed.
+    """
+    frame = draw(valid_frames())
+    frame["id"] = request_id
+    present = [(key,) for key in frame]
+    if isinstance(frame.get("payload"), dict):
+        present += [("payload", key) for key in frame["payload"]]
+    path = draw(st.sampled_from(present + MUTABLE))
+    parent = frame
+    if len(path) == 2:
+        if not isinstance(frame.get("payload"), dict):
+            frame["payload"] = {}
+        parent = frame["payload"]
+    if draw(st.integers(0, 9)) == 0:
+        parent.pop(path[-1], None)
+        return json.dumps(frame).encode()
+    parent[path[-1]] = PLACEHOLDER
+    line = json.dumps(frame).encode()
+    return line.replace(json.dumps(PLACEHOLDER).encode(), draw(BAD_VALUE), 1)
+
+
+def _json_line(value, ascii_only):
+    # A lone surrogate in a str becomes invalid UTF-8 (CESU), on purpose.
+    return json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+
+
+JSON_FRAMES = st.one_of(
+    JSON_VALUES,
+    st.fixed_dictionaries(
+        {"event": EVENTS},
+        optional={
+            "id": JSON_VALUES,
+            "payload": JSON_VALUES
+            | st.fixed_dictionaries(
+                {},
+                optional={
+                    "clientId": NAMES | JSON_VALUES,
+                    "event": EVENTS | JSON_VALUES,
+                    "messageId": TEXT | JSON_VALUES,
+                    "filter": JSON_VALUES,
+                },
+            ),
+            "to": NAMES | st.lists(NAMES) | JSON_VALUES,
+            "messageId": TEXT | JSON_VALUES,
+            "ttl": JSON_VALUES,
+        },
+    ),
+)
+# Bytes with some structure, so that some of it gets past the JSON parser.
+TOKENS = st.sampled_from(
+    [b"\n", b"\r\n", b"\r", b" ", b"{", b"}", b"[", b"]", b'"', b":", b",", b"\\"]
+    + [b'"event"', b'"payload"', b'"id"', b'"ping"', b'"to"', b'"a"', b"1", b"-"]
+    + [b"\\ud800", b"\x00", b"\xff", b"\xc3", b"\xed\xa0\x80", b"null", b"true"]
+)
+BYTES = st.lists(
+    st.one_of(
+        st.binary(max_size=64).map(lambda b: b.replace(b"v", b"w").replace(b"V", b"W")),
+        TOKENS,
+    ),
+    max_size=40,
+).map(b"".join)
+
+
+def _chunks(data, cuts):
+    """
+    C{data} cut at the offsets C{cuts} (taken modulo its length).
+    """
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+# The harness.
+
+
+def _frame(event, payload=None, **fields):
+    frame = {"event": event, **fields}
+    if payload is not None:
+        frame["payload"] = payload
+    return json.dumps(frame).encode() + b"\n"
+
+
+def _strict_json(line):
+    def refuse(name):
+        raise ValueError(f"{name} in the broker's output")
+
+    return json.loads(line.decode("utf-8"), parse_constant=refuse)
+
+
+class _Connection:
+    """
+    One connection over a L{StringTransport}.
+    """
+
+    def __init__(self, factory, port):
+        address = IPv4Address("TCP", "127.0.0.1", port)
+        self.protocol = factory.buildProtocol(address)
+        self.transport = StringTransport(peerAddress=address)
+        self.protocol.makeConnection(self.transport)
+
+    def send(self, data):
+        # A real transport stops reading once the broker closes it.
+        if not self.transport.disconnecting:
+            self.protocol.dataReceived(data)
+
+    def frames(self):
+        data = self.transport.value()
+        self.transport.clear()
+        assert data == b"" or data.endswith(b"\n"), data[-200:]
+        return [_strict_json(line) for line in data.split(b"\n")[:-1]]
+
+
+class _Scene:
+    """
+    A broker with a victim connection holding messages and a connection to
+    fuzz; L{finish} checks what the fuzzing did.
+    """
+
+    def __init__(self, test, max_line=DEFAULT_MAX_LINE, victim=True):
+        self.test = test
+        self.max_line = max_line
+        self.clock = Clock()
+        self.broker = Broker(self.clock)
+        self.factory = BrokerFactory(self.broker, max_line=max_line)
+        self.victim = None
+        if victim:
+            self.victim = self._subscribe_victim()
+        self.fuzzed = _Connection(self.factory, 40002)
+        self.sent = []
+
+    def _subscribe_victim(self):
+        self.victim_id = "victim-" + secrets.token_hex(8)
+        self.victim_event = "victim-" + secrets.token_hex(8)
+        # At the default --max-line, whatever the fuzzed connection's is.
+        victim = _Connection(BrokerFactory(self.broker), 40001)
+        queue = {"clientId": self.victim_id, "event": self.victim_event}
+        victim.send(_frame("subscribe", dict(queue, prefetch=2), id=1))
+        for n in range(VICTIM_MESSAGES):
+            message_id = f"{self.victim_id}-{n}"
+            victim.send(
+                _frame(
+                    self.victim_event, {"n": n}, to=self.victim_id, messageId=message_id
+                )
+            )
+        got = victim.frames()
+        assert [f["event"] for f in got] == ["ok", self.victim_event, self.victim_event]
+        self.victim_before = self._victim_queue()
+        return victim
+
+    def _victim_queue(self):
+        queue = self.broker.queue(self.victim_id, self.victim_event)
+        entries = sorted(
+            (e.message.seq, e.message.id, e.message.payload, e.deliveries, e.owner)
+            for e in queue.entries()
+        )
+        dead = self.broker.queue(self.victim_id, self.victim_event + ".dead")
+        return (queue.subscribed, queue.filter, queue.max_length, entries, dead)
+
+    def send(self, data):
+        self.sent.append(data)
+        self.fuzzed.send(data)
+
+    def finish(self):
+        """
+        Check the fuzzed connection's output and the victim, then close
+        everything; return the fuzzed connection's frames.
+        """
+        got = self.check_output()
+        if self.victim is not None:
+            self.test.assertEqual(self._victim_queue(), self.victim_before)
+            self.test.assertEqual(self.victim.frames(), [])
+            self.victim.send(_frame("ping", id="still-there"))
+            self.test.assertEqual(
+                self.victim.frames(),
+                [{"event": "pong", "payload": {}, "id": "still-there"}],
+            )
+            self.victim.protocol.connectionLost(None)
+        self.fuzzed.protocol.connectionLost(None)
+        self.broker.stop()
+        left = self.clock.getDelayedCalls()
+        if LINE_TOO_LONG_TWICE and self.closed_twice:
+            left = [c for c in left if "abortConnection" not in repr(c)]
+        self.test.assertEqual(left, [])
+        return got
+
+    def check_output(self):
+        data = b"".join(self.sent)
+        text = data.decode("utf-8", "replace").lower()
+        transport = self.fuzzed.transport
+        got = self.fuzzed.frames()
+        replies = []
+        for frame in got:
+            self.test.assertIsInstance(frame, dict)
+            if frame.get("event") in ("ok", "error", "pong"):
+                replies.append(frame)
+                self._check_reply(frame, text)
+            else:
+                self._check_delivery(frame)
+        # Open, or closed cleanly (never aborted) after an error saying
+        # why, with nothing after it; always closed after a line too long.
+        self.test.assertFalse(transport.disconnected)
+        codes = [f["payload"].get("code") for f in replies]
+        self.closed_twice = codes.count("line-too-long") > 1
+        if transport.disconnecting:
+            self.test.assertEqual(replies[-1]["event"], "error")
+        if "line-too-long" in codes:
+            self.test.assertTrue(transport.disconnecting)
+            after = codes[codes.index("line-too-long") :]
+            if LINE_TOO_LONG_TWICE:
+                self.test.assertEqual(set(after), {"line-too-long"})
+            else:
+                self.test.assertEqual(after, ["line-too-long"])
+        if self._too_long(data):
+            self.test.assertTrue(transport.disconnecting)
+        lines = [line.rstrip(b"\r") for line in data.split(b"\n")[:-1]]
+        asked = [line for line in lines if line and not line.isspace()]
+        self.test.assertLessEqual(len(replies), len(asked) + 1)
+        return got
+
+    def _too_long(self, data):
+        *lines, rest = data.split(b"\n")
+        if any(len(line.removesuffix(b"\r")) > self.max_line for line in lines):
+            return True
+        return len(rest) > self.max_line + 1
+
+    def _check_reply(self, frame, sent_text):
+        self.test.assertLessEqual(set(frame), {"event", "payload", "id"})
+        self.test.assertIsInstance(frame["payload"], dict)
+        if "id" in frame:
+            self.test.assertIn(type(frame["id"]), (int, str))
+        if frame["event"] != "error":
+            return
+        payload = frame["payload"]
+        self.test.assertEqual(set(payload), {"code", "message"})
+        self.test.assertRegex(payload["code"], CODE)
+        self.test.assertNotEqual(payload["code"], "internal-error", payload)
+        message = payload["message"]
+        self.test.assertIsInstance(message, str)
+        self.test.assertNotIn("\n", message)
+        for leak in LEAKS:
+            if leak not in sent_text:
+                self.test.assertNotIn(leak, message.lower())
+
+    def _check_delivery(self, frame):
+        self.test.assertLessEqual(DELIVERY_KEYS, set(frame))
+        self.test.assertLessEqual(set(frame), DELIVERY_KEYS | {"deadLetter"})
+        event = frame["event"]
+        self.test.assertTrue(NAME.match(event.removesuffix(".dead")), event)
+        self.test.assertTrue(NAME.match(frame["clientId"]), frame)
+        self.test.assertFalse(frame["clientId"].startswith("victim-"))
+        self.test.assertIsInstance(frame["messageId"], str)
+        self.test.assertIsInstance(frame["payload"], dict)
+        self.test.assertIsInstance(frame["redelivered"], bool)
+        self.test.assertIs(type(frame["deliveries"]), int)
+
+
+class _FuzzTestCase(SynchronousTestCase):
+    def setUp(self):
+        self.problems = []
+        globalLogPublisher.addObserver(self._logged)
+        self.addCleanup(globalLogPublisher.removeObserver, self._logged)
+
+    def _logged(self, event):
+        if "log_failure" in event or event.get("log_level") in (
+            LogLevel.error,
+            LogLevel.critical,
+        ):
+            failure = event.get("log_failure")
+            self.problems.append(
+                failure.getTraceback() if failure else event.get("log_format")
+            )
+
+    def scene(self, **kwargs):
+        del self.problems[:]
+        return _Scene(self, **kwargs)
+
+    def finish(self, scene):
+        """
+        Check the scene, and that nothing was logged as a failure (trial
+        would report each one as an error of its own: they are flushed).
+        """
+        try:
+            return scene.finish()
+        finally:
+            if self.problems:
+                self.flushLoggedErrors()
+                self.fail("logged:\n" + "\n".join(map(str, self.problems)))
+
+
+class FuzzTests(_FuzzTestCase):
+    """
+    Arbitrary and near-valid input to one connection, with a victim
+    connection beside it.
+    """
+
+    @fuzz(500)
+    @given(
+        BYTES,
+        st.lists(st.integers(0, 10_000), max_size=4),
+        st.sampled_from([8, 40, 4096, DEFAULT_MAX_LINE]),
+    )
+    def test_arbitrary_bytes(self, data, cuts, max_line):
+        """Arbitrary bytes, in arbitrary pieces, get well-formed answers or a clean close, and leave the victim alone."""
+        scene = self.scene(max_line=max_line)
+        for chunk in _chunks(data, cuts):
+            scene.send(chunk)
+        self.finish(scene)
+
+    @fuzz(300)
+    @given(st.lists(st.tuples(JSON_FRAMES, st.booleans(), st.booleans()), max_size=8))
+    def test_arbitrary_json(self, values):
+        """Arbitrary JSON values, objects shaped like frames included, get well-formed answers and leave the victim alone."""
+        scene = self.scene()
+        for value, ascii_only, crlf in values:
+            scene.send(_json_line(value, ascii_only) + (b"\r\n" if crlf else b"\n"))
+        self.finish(scene)
+
+    @fuzz(400)
+    @given(st.data(), st.integers(1, 8), st.booleans())
+    def test_near_valid_frames(self, data, count, one_packet):
+        """Valid frames with one field wrong are refused or accepted cleanly; the valid frames around them all get their answer."""
+        scene = self.scene()
+        lines, expected = [], []
+        for n in range(count):
+            if data.draw(st.booleans(), label=f"valid {n}"):
+                request_id = f"v{n}"
+                line = json.dumps(dict(data.draw(valid_frames()), id=request_id))
+                line = line.encode()
+                if not scene._too_long(b"\n".join(lines) + b"\n"):
+                    expected.append(request_id)
+            else:
+                line = data.draw(near_valid_frames(f"m{n}"), label=f"mutant {n}")
+            lines.append(line)
+        packets = [b"\n".join(lines) + b"\n"] if one_packet else lines
+        for packet in packets:
+            scene.send(packet if one_packet else packet + b"\n")
+        got = self.finish(scene)
+        answered = [f.get("id") for f in got if f["event"] in ("ok", "error", "pong")]
+        self.assertEqual([i for i in answered if i in expected], expected)
+
+    @fuzz(10)
+    @given(
+        st.lists(
+            st.sampled_from(["ping", "publish", "subscribe", "garbage", "blank"])
+            | st.sampled_from(["bad-frame", "received", "getAll", "no-id-ping"]),
+            min_size=1,
+            max_size=12,
+        ),
+        st.integers(1000, 5000),
+    )
+    def test_thousands_of_frames_in_one_packet(self, pattern, total):
+        """Thousands of frames in one packet are each answered, once and in order."""
+        scene = self.scene()
+        lines, expected = [], []
+        for n in range(total):
+            kind = pattern[n % len(pattern)]
+            request_id = n
+            if kind == "ping":
+                lines.append(_frame("ping", {"n": n}, id=n))
+            elif kind == "no-id-ping":
+                lines.append(_frame("ping", {"n": n}))
+                request_id = None
+            elif kind == "publish":
+                lines.append(_frame("e", {"n": n}, to="a", id=n))
+            elif kind == "subscribe":
+                queue = {"clientId": "a", "event": "e", "prefetch": 3}
+                lines.append(_frame("subscribe", queue, id=n))
+            elif kind == "received":
+                queue = {"clientId": "a", "event": "e", "messageId": f"x{n}"}
+                lines.append(_frame("received", queue, id=n))
+            elif kind == "getAll":
+                lines.append(_frame("getAll", {"clientId": "b", "event": "e"}, id=n))
+            elif kind == "bad-frame":
+                lines.append(_frame("subscribe", {"clientId": "a"}, id=n))
+            elif kind == "garbage":
+                lines.append(b"\x00{not json\xff\r\n")
+                request_id = None
+            else:
+                lines.append(b" \r\n")
+                continue
+            expected.append(request_id)
+        scene.send(b"".join(lines))
+        got = self.finish(scene)
+        answered = [f.get("id") for f in got if f["event"] in ("ok", "error", "pong")]
+        self.assertEqual(answered, expected)
+
+    @fuzz(20)
+    @given(
+        st.sampled_from(sorted(MEBIBYTE_LINES)),
+        st.sampled_from([None, 65536, 4096]),
+        st.booleans(),
+    )
+    def test_one_mebibyte_line(self, kind, chunk, raised_limit):
+        """A 1 MiB line closes the connection at the default --max-line, and is answered like any line under a larger one."""
+        max_line = 2 * MIB if raised_limit else DEFAULT_MAX_LINE
+        scene = self.scene(max_line=max_line)
+        data = MEBIBYTE_LINES[kind] + b"\n" + _frame("ping", id="after")
+        step = chunk or len(data)
+        for start in range(0, len(data), step):
+            scene.send(data[start : start + step])
+        got = self.finish(scene)
+        if not raised_limit:
+            self.assertEqual(len(got), 1)
+            return
+        # (A publish may be refused for its size: ok or error.)
+        expected = {
+            "ping": [("pong", 1)],
+            "publish": [("error" if got[0]["event"] == "error" else "ok", 1)],
+            "garbage": [("error", None)],
+            "utf8": [("error", None)],
+            "deep": [("error", None)],
+            "blank": [],
+        }[kind] + [("pong", "after")]
+        self.assertEqual([(f["event"], f.get("id")) for f in got], expected)
+        if kind == "ping":
+            self.assertEqual(
+                got[0]["payload"], json.loads(MEBIBYTE_LINES["ping"])["payload"]
+            )
+
+    @fuzz(15)
+    @given(
+        st.lists(
+            st.tuples(valid_frames(), st.booleans(), st.booleans()),
+            min_size=1,
+            max_size=5,
+        )
+    )
+    def test_split_at_every_byte(self, frames):
+        """A valid session's bytes split at any one offset, or sent a byte at a time, get the same answers as sent whole."""
+        data = b""
+        for n, (frame, with_id, crlf) in enumerate(frames):
+            if with_id:
+                frame = dict(frame, id=n)
+            data += json.dumps(frame, ensure_ascii=False).encode()
+            data += b"\r\n" if crlf else b"\n"
+
+        def run(pieces):
+            scene = self.scene(victim=False)
+            for piece in pieces:
+                scene.send(piece)
+            got = self.finish(scene)
+            # Broker-assigned messageIds start with a random prefix.
+            out = json.dumps(got, sort_keys=True)
+            return re.sub(r"[0-9a-f]{12}-(\d+)", r"ID-\1", out)
+
+        expected = run([data])
+        for offset in range(1, len(data)):
+            self.assertEqual(run([data[:offset], data[offset:]]), expected, offset)
+        self.assertEqual(run([data[i : i + 1] for i in range(len(data))]), expected)
+
+
+def _known_bug(reason, strict=True):
+    """
+    A test of a bug not fixed yet: while it fails, it is skipped with
+    C{reason}.  Once it passes, a C{strict} one fails until this marker is
+    removed; another passes (for a bug that shows only on some platforms).
+    (Neither trial's C{todo} nor C{unittest.expectedFailure} works under
+    both trial and pytest.)
+    """
+
+    def decorate(f):
+        @functools.wraps(f)
+        def wrapper(self):
+            try:
+                f(self)
+            except self.failureException:
+                self.flushLoggedErrors()
+                raise unittest.SkipTest(f"known bug: {reason}") from None
+            if strict:
+                self.fail(f"fixed: remove the _known_bug marker ({reason})")
+
+        return wrapper
+
+    return decorate
+
+
+class FuzzFindingsTests(_FuzzTestCase):
+    """
+    What the fuzzing found, a reproducer each, marked as known bugs until
+    they are fixed:
+
+      - test_deep_filter: caps/routing.py's _value_key (json.dumps) runs
+        deeper in the stack than the parser, so a filter or payload value
+        nested just shallowly enough to parse overflows it: internal-error,
+        and a subscribe half done.  Happens with msgspec (pytest), not with
+        the standard library's decoder (trial).  Fix: refuse filters nested
+        deeper than a small bound in caps/frames.py, and treat a payload
+        value too deep to key as matching nothing in routing.
+      - test_one_line_too_long_error: caps/protocol.py's dataReceived
+        checks the unfinished rest of a read even when the last full line
+        already closed the connection.  Fix: return there if
+        transport.disconnecting.
+      - test_surrogate_message_id_on_sqlite: caps/frames.py accepts a
+        messageId with a lone surrogate, which SQLite cannot store; the
+        store retries the failed batch for ever, so every later change is
+        refused with store-unavailable.  Fix: refuse such messageIds with
+        bad-frame, as login already does for passwords.
+    """
+
+    @_known_bug(
+        "a filter or payload value nested just shallowly enough to parse "
+        "overflows the stack in caps/routing.py's _value_key (msgspec codec)",
+        strict=False,
+    )
+    def test_deep_filter(self):
+        """A subscribe or publish nested anywhere up to the parser's limit gets ok or bad-json, never internal-error."""
+        scene = self.scene(victim=False)
+        scene.send(
+            _frame("subscribe", {"clientId": "a", "event": "f", "filter": {"x": 1}})
+        )
+        for n in range(1, 1100):
+            queue = b'{"clientId":"a","event":"e","filter":{"x":' + _deep(n) + b"}}"
+            scene.send(b'{"event":"subscribe","id":1,"payload":' + queue + b"}\n")
+            scene.send(b'{"event":"f","id":2,"payload":{"x":' + _deep(n) + b"}}\n")
+        got = self.finish(scene)
+        self.assertLessEqual(
+            {f["payload"].get("code") for f in got}, {None, "bad-json"}
+        )
+
+    @_known_bug(
+        "a line over the limit right after another one is answered "
+        "line-too-long twice (caps/protocol.py, dataReceived)"
+    )
+    def test_one_line_too_long_error(self):
+        """Two lines over the limit in one read get one line-too-long, then the close."""
+        scene = self.scene(max_line=100, victim=False)
+        scene.send(b"x" * 101 + b"\n" + b"y" * 102)
+        got = scene.fuzzed.frames()
+        self.assertEqual([f["payload"]["code"] for f in got], ["line-too-long"])
+        scene.fuzzed.protocol.connectionLost(None)
+        scene.broker.stop()
+        self.assertEqual(scene.clock.getDelayedCalls(), [])
+
+    def sqlite_client(self, **options):
+        """
+        A clock and a connection to a broker on a SQLite store that writes
+        at once.
+        """
+        scratch = tempfile.TemporaryDirectory(prefix="caps-fuzz-")
+        self.addCleanup(scratch.cleanup)
+        clock = Clock()
+        store = SQLiteStore.open(
+            os.path.join(scratch.name, "caps.sqlite3"),
+            clock,
+            runner=lambda f, *args: defer.maybeDeferred(f, *args),
+            **options,
+        )
+        broker = Broker(clock, store=store)
+        self.addCleanup(store.close)
+        self.addCleanup(broker.stop)
+        client = _Connection(BrokerFactory(broker), 40001)
+        self.addCleanup(client.protocol.connectionLost, None)
+        return clock, client
+
+    @_known_bug(
+        "a messageId with a lone surrogate cannot be written to SQLite, and "
+        "the failed batch is retried for ever: the store stays unavailable"
+    )
+    def test_surrogate_message_id_on_sqlite(self):
+        """A publish whose messageId is a lone surrogate leaves the SQLite store writable for the next publish."""
+        clock, client = self.sqlite_client()
+        client.send(b'{"event":"e","id":1,"to":"a","messageId":"\\ud800"}\n')
+        clock.advance(0)
+        client.frames()
+        clock.advance(1)
+        client.send(_frame("e", {}, to="a", messageId="ok", id=2))
+        clock.advance(0)
+        self.assertEqual([(f["event"], f["id"]) for f in client.frames()], [("ok", 2)])
+
+    @_known_bug(
+        "a received whose messageId is a lone surrogate fails in the SQLite "
+        "look-up of a queue longer than its window: internal-error"
+    )
+    def test_surrogate_message_id_received_on_sqlite(self):
+        """A received whose messageId is a lone surrogate, on a queue partly on disk, is answered without internal-error."""
+        clock, client = self.sqlite_client(window=2)
+        for n in range(5):
+            client.send(_frame("e", {}, to="a", messageId=f"m{n}"))
+        clock.advance(0)
+        queue = {"clientId": "a", "event": "e", "messageId": "\ud800"}
+        client.send(_frame("received", queue, id=1))
+        clock.advance(0)
+        [reply] = client.frames()
+        self.assertNotEqual(reply["payload"].get("code"), "internal-error", reply)
