@@ -22,6 +22,7 @@ only.
 import json
 import math
 import os
+import sys
 
 
 class JSONError(ValueError):
@@ -61,7 +62,14 @@ def stdlib_loads(line):
     except RecursionError:
         raise JSONError("the JSON is nested too deeply") from None
     except ValueError as e:
-        # JSONDecodeError, NaN/Infinity, or an integer too long to convert.
+        # JSONDecodeError, NaN/Infinity, or an integer too long to convert
+        # (whose message tells how to raise Python's limit: not for
+        # clients).
+        if "int_max_str_digits" in str(e):
+            raise JSONError(
+                "the line is not valid JSON: an integer of more than "
+                f"{sys.get_int_max_str_digits()} digits"
+            ) from None
         raise JSONError(f"the line is not valid JSON: {e}") from None
 
 

@@ -41,6 +41,8 @@ RESERVED_EVENTS = CONTROL_EVENTS | frozenset(
 )
 
 MAX_MESSAGE_ID = 128
+# How deeply a subscription filter's values may be nested.
+MAX_FILTER_DEPTH = 32
 MAX_PASSWORD = 1024
 # A queue's dead letters are (clientId, event + DEAD_SUFFIX).
 DEAD_SUFFIX = ".dead"
@@ -261,9 +263,32 @@ def _queue_fields(payload, request_id, dead_letters=True):
     return client_id, event
 
 
+def _depth(value):
+    """
+    How deeply a JSON value is nested (a scalar is 0), without recursion.
+    """
+    deepest = 0
+    stack = [(value, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = value.values()
+        elif not isinstance(value, list):
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        stack.extend((item, depth) for item in value)
+    return deepest
+
+
 def _subscribe(frame, payload, request_id):
     client_id, event = _queue_fields(payload, request_id)
     flt = _field(payload, "filter", dict, "payload.", request_id, required=False)
+    if flt and _depth(flt) > MAX_FILTER_DEPTH:
+        raise BadFrame(
+            f"field payload.filter may be nested at most {MAX_FILTER_DEPTH} deep",
+            request_id,
+        )
     where = ("payload.", request_id)
     return Subscribe(
         client_id,
@@ -287,24 +312,39 @@ def _get_all(frame, payload, request_id):
     return GetAll(*_queue_fields(payload, request_id))
 
 
+def _message_id(obj, where, request_id, required=True):
+    """
+    A messageId field: a string that UTF-8 can hold (no lone surrogate:
+    the store could not write it).
+    """
+    message_id = _field(obj, "messageId", str, where, request_id, required)
+    if message_id is not None and not message_id.isascii():
+        try:
+            message_id.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadFrame(
+                f"field {where}messageId must be text (it holds a lone surrogate)",
+                request_id,
+            ) from None
+    return message_id
+
+
 def _received(frame, payload, request_id):
     client_id, event = _queue_fields(payload, request_id)
-    message_id = _field(payload, "messageId", str, "payload.", request_id)
+    message_id = _message_id(payload, "payload.", request_id)
     return Received(client_id, event, message_id)
 
 
 def _nack(frame, payload, request_id):
     client_id, event = _queue_fields(payload, request_id)
-    message_id = _field(payload, "messageId", str, "payload.", request_id)
+    message_id = _message_id(payload, "payload.", request_id)
     delay = _number(payload, "delay", "payload.", request_id, 0, MAX_SECONDS)
     return Nack(client_id, event, message_id, delay or 0)
 
 
 def _requeue(frame, payload, request_id):
     client_id, event = _queue_fields(payload, request_id, dead_letters=False)
-    message_id = _field(
-        payload, "messageId", str, "payload.", request_id, required=False
-    )
+    message_id = _message_id(payload, "payload.", request_id, required=False)
     return Requeue(client_id, event, message_id)
 
 
@@ -360,7 +400,7 @@ def _publish(frame, event, payload, request_id):
         to = tuple(dict.fromkeys(_name(c, "to", request_id) for c in to))
     else:
         raise BadFrame("field to must be a clientId or a list of them", request_id)
-    message_id = _field(frame, "messageId", str, "", request_id, required=False)
+    message_id = _message_id(frame, "", request_id, required=False)
     if message_id is not None and not 1 <= len(message_id) <= MAX_MESSAGE_ID:
         raise BadFrame(
             f"field messageId must be 1 to {MAX_MESSAGE_ID} characters", request_id

@@ -65,7 +65,7 @@ class Gate:
     """
     The guard half of a connection.  Uses the protocol's C{factory},
     C{broker}, C{transport}, C{peer}, C{log}, C{callLater}, C{_reply},
-    C{setTimeout} and C{_buffer}.
+    C{setTimeout}, C{_lines}, C{_take_unfinished} and C{_unfinished}.
 
     @ivar identity: the logged-in client's L{caps.auth.IClient}, or
         L{None}.
@@ -160,7 +160,8 @@ class Gate:
                 rate=f"{self._rate:g}",
             )
         self._rate_refusals += 1
-        self._buffer = later
+        self._unfinished = [later]
+        self._unfinished_length = len(later)
         self._hold("rate")
         wait = (max(1.0, self._rate / 10) - self._tokens) / self._rate
         self._rate_resume = self.callLater(wait, self._rate_over)
@@ -170,7 +171,12 @@ class Gate:
         self._release("rate")
         if self.connected and not self.transport.disconnecting:
             # The lines kept back.
-            self.dataReceived(b"")
+            data = self._take_unfinished()
+            if b"\n" in data:
+                self._lines(data)
+            elif data:
+                self._unfinished = [data]
+                self._unfinished_length = len(data)
 
     # Unfinished lines (slowloris), and unfinished TLS handshakes
 

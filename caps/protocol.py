@@ -83,6 +83,9 @@ class BrokerProtocol(LineReceiver, TimeoutMixin, Gate, Replies):
             self._close_with(frames.error("too-many-connections", refusal))
             return
         self._open_gate()
+        # The pieces of the line not finished yet, and their length
+        self._unfinished = []
+        self._unfinished_length = 0
         # Replies not written yet, in request order: [line, ready, id]
         self._replies = deque()
         # The store's batch the last held reply waits for, and the replies
@@ -114,6 +117,8 @@ class BrokerProtocol(LineReceiver, TimeoutMixin, Gate, Replies):
         store) and close; cut the connection off if the client does not
         take it within a few seconds.
         """
+        if self.transport.disconnecting:
+            return
         self.transport.write(line)
         self.transport.loseConnection()
         self._abort = self.callLater(CLOSE_GRACE, self.transport.abortConnection)
@@ -123,17 +128,44 @@ class BrokerProtocol(LineReceiver, TimeoutMixin, Gate, Replies):
         Split what arrived into lines in one pass (L{LineReceiver}'s own
         C{dataReceived} searches the rest of the buffer again after every
         line) and handle them in order; this protocol never uses raw mode.
+        The pieces of an unfinished line are kept apart and joined once
+        its end arrives, so a line sent a byte at a time costs time in
+        proportion to its length, not to its square.
         """
         if self.transport.disconnecting:
             return
         self.resetTimeout()
-        if self._buffer:
-            data = self._buffer + data
-            self._buffer = b""
         if self._rate_resume is not None:
             # Over the rate: kept until the rate allows more.
-            self._buffer = data
+            self._unfinished.append(data)
             return
+        if b"\n" not in data:
+            self._unfinished.append(data)
+            self._unfinished_length += len(data)
+            if self._unfinished_length > self.MAX_LENGTH:
+                self.lineLengthExceeded(b"".join(self._unfinished))
+            elif self._line_timeout and data:
+                self._watch_partial(self.broker.clock.seconds(), False)
+            return
+        self._lines(self._take_unfinished(data))
+
+    def _take_unfinished(self, data=b""):
+        """
+        The bytes kept back, with C{data} after them; nothing is kept back
+        any more.
+        """
+        if self._unfinished:
+            self._unfinished.append(data)
+            data = b"".join(self._unfinished)
+            self._unfinished = []
+            self._unfinished_length = 0
+        return data
+
+    def _lines(self, data):
+        """
+        Handle the lines in C{data}, which holds at least one line end;
+        keep what follows the last.
+        """
         lines = data.split(b"\n")
         rest = lines.pop()
         limit = self.MAX_LENGTH
@@ -154,14 +186,17 @@ class BrokerProtocol(LineReceiver, TimeoutMixin, Gate, Replies):
                     return
                 self._tokens -= 1
             self.lineReceived(line)
+        if transport.disconnecting:
+            return
         if len(rest) > limit:
             self.lineLengthExceeded(rest)
-        elif not transport.disconnecting:
-            self._buffer = rest
-            if not rest:
-                self._partial_since = None
-            elif self._line_timeout:
-                self._watch_partial(now, bool(lines))
+        elif rest:
+            self._unfinished = [rest]
+            self._unfinished_length = len(rest)
+            if self._line_timeout:
+                self._watch_partial(now, True)
+        else:
+            self._partial_since = None
 
     def timeoutConnection(self):
         """

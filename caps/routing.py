@@ -17,9 +17,14 @@ import attrs
 
 def _value_key(value):
     """
-    A hashable key equal for equal JSON values (C{true} and C{1} differ).
+    A hashable key equal for equal JSON values (C{true} and C{1} differ);
+    L{None}, which matches no filter, for a value nested too deeply to
+    encode (a payload may be nested deeper than a filter can be).
     """
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    except RecursionError:
+        return None
 
 
 @attrs.define

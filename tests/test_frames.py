@@ -258,6 +258,58 @@ class ParseTests(SynchronousTestCase):
         self.assertIsInstance(command, frames.Publish)
 
 
+class HostileFieldTests(SynchronousTestCase):
+    assertRejected = ParseTests.assertRejected
+
+    def test_filter_depth(self):
+        """A filter nested up to MAX_FILTER_DEPTH is taken; deeper is a bad frame."""
+
+        def nested(depth):
+            value = 1
+            for _ in range(depth - 1):
+                value = [value]
+            return {"x": value}
+
+        def subscribe(flt):
+            return line(
+                {
+                    "event": "subscribe",
+                    "id": 1,
+                    "payload": {"clientId": "c", "event": "e", "filter": flt},
+                }
+            )
+
+        _, command = frames.parse_line(subscribe(nested(frames.MAX_FILTER_DEPTH)))
+        self.assertEqual(command.filter, nested(frames.MAX_FILTER_DEPTH))
+        self.assertRejected(
+            subscribe(nested(frames.MAX_FILTER_DEPTH + 1)),
+            "bad-frame",
+            "nested at most 32 deep",
+            request_id=1,
+        )
+
+    def test_surrogate_message_ids(self):
+        """A messageId with a lone surrogate (which no store can write) is a bad frame in every frame that has one."""
+        queue = '"clientId":"c","event":"e","messageId":"\\ud800"'
+        for raw in (
+            b'{"event":"e","id":1,"to":"c","messageId":"\\ud800"}',
+            b'{"event":"received","id":1,"payload":{' + queue.encode() + b"}}",
+            b'{"event":"nack","id":1,"payload":{' + queue.encode() + b"}}",
+            b'{"event":"requeue","id":1,"payload":{' + queue.encode() + b"}}",
+        ):
+            self.assertRejected(raw, "bad-frame", "lone surrogate", request_id=1)
+        _, command = frames.parse_line(line({"event": "e", "messageId": "é✓"}))
+        self.assertEqual(command.message_id, "é✓")
+
+    def test_long_integer_message(self):
+        """An integer too long to read is refused without Python's advice on raising its limit."""
+        e = self.assertRejected(
+            b'{"event":"ping","n":' + b"1" * 5000 + b"}", "bad-json"
+        )
+        self.assertIn("more than 4300 digits", e.message)
+        self.assertNotIn("sys.", e.message)
+
+
 class EncodeTests(SynchronousTestCase):
     def test_reply_with_and_without_id(self):
         """Replies are one compact JSON line; the id is there only when given."""

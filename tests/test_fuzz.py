@@ -24,13 +24,11 @@ The strategies are in tests/hostile.py; tests/fuzz_frames.py is the
 coverage-guided (atheris) counterpart, run by C{tox -e fuzz}.
 """
 
-import functools
 import json
 import os
 import re
 import secrets
 import tempfile
-import unittest
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -80,11 +78,6 @@ LEAKS = ("traceback", ".py", "/caps/", 'file "')
 DELIVERY_KEYS = {"event", "clientId", "messageId", "payload", "redelivered"}
 DELIVERY_KEYS |= {"deliveries"}
 VICTIM_MESSAGES = 5
-# A known bug (FuzzFindingsTests.test_one_line_too_long_error): a second
-# line over the limit in the read that closed the connection gets a
-# second line-too-long (and a second close, whose abort timer is then not
-# cancelled).  Set to False when that test's marker goes.
-LINE_TOO_LONG_TWICE = True
 
 
 # The harness.
@@ -194,10 +187,7 @@ class _Scene:
             self.victim.protocol.connectionLost(None)
         self.fuzzed.protocol.connectionLost(None)
         self.broker.stop()
-        left = self.clock.getDelayedCalls()
-        if LINE_TOO_LONG_TWICE and self.closed_twice:
-            left = [c for c in left if "abortConnection" not in repr(c)]
-        self.test.assertEqual(left, [])
+        self.test.assertEqual(self.clock.getDelayedCalls(), [])
         return got
 
     def check_output(self):
@@ -217,16 +207,12 @@ class _Scene:
         # why, with nothing after it; always closed after a line too long.
         self.test.assertFalse(transport.disconnected)
         codes = [f["payload"].get("code") for f in replies]
-        self.closed_twice = codes.count("line-too-long") > 1
         if transport.disconnecting:
             self.test.assertEqual(replies[-1]["event"], "error")
         if "line-too-long" in codes:
             self.test.assertTrue(transport.disconnecting)
             after = codes[codes.index("line-too-long") :]
-            if LINE_TOO_LONG_TWICE:
-                self.test.assertEqual(set(after), {"line-too-long"})
-            else:
-                self.test.assertEqual(after, ["line-too-long"])
+            self.test.assertEqual(after, ["line-too-long"])
         if self._too_long(data):
             self.test.assertTrue(transport.disconnecting)
         lines = [line.rstrip(b"\r") for line in data.split(b"\n")[:-1]]
@@ -466,35 +452,9 @@ class FuzzTests(_FuzzTestCase):
         self.assertEqual(run([data[i : i + 1] for i in range(len(data))]), expected)
 
 
-def _known_bug(reason, strict=True):
-    """
-    A test of a bug not fixed yet: while it fails, it is skipped with
-    C{reason}.  Once it passes, a C{strict} one fails until this marker is
-    removed; another passes (for a bug that shows only on some platforms).
-    (Neither trial's C{todo} nor C{unittest.expectedFailure} works under
-    both trial and pytest.)
-    """
-
-    def decorate(f):
-        @functools.wraps(f)
-        def wrapper(self):
-            try:
-                f(self)
-            except self.failureException:
-                self.flushLoggedErrors()
-                raise unittest.SkipTest(f"known bug: {reason}") from None
-            if strict:
-                self.fail(f"fixed: remove the _known_bug marker ({reason})")
-
-        return wrapper
-
-    return decorate
-
-
 class FuzzFindingsTests(_FuzzTestCase):
     """
-    What the fuzzing found, a reproducer each, marked as known bugs until
-    they are fixed:
+    What the fuzzing found, a reproducer each (all fixed):
 
       - test_deep_filter: caps/routing.py's _value_key (json.dumps) runs
         deeper in the stack than the parser, so a filter or payload value
@@ -514,13 +474,8 @@ class FuzzFindingsTests(_FuzzTestCase):
         bad-frame, as login already does for passwords.
     """
 
-    @_known_bug(
-        "a filter or payload value nested just shallowly enough to parse "
-        "overflows the stack in caps/routing.py's _value_key (msgspec codec)",
-        strict=False,
-    )
     def test_deep_filter(self):
-        """A subscribe or publish nested anywhere up to the parser's limit gets ok or bad-json, never internal-error."""
+        """A subscribe or publish nested anywhere up to the parser's limit gets ok, bad-frame (a filter too deep) or bad-json, never internal-error."""
         scene = self.scene(victim=False)
         scene.send(
             _frame("subscribe", {"clientId": "a", "event": "f", "filter": {"x": 1}})
@@ -530,14 +485,10 @@ class FuzzFindingsTests(_FuzzTestCase):
             scene.send(b'{"event":"subscribe","id":1,"payload":' + queue + b"}\n")
             scene.send(b'{"event":"f","id":2,"payload":{"x":' + deep(n) + b"}}\n")
         got = self.finish(scene)
-        self.assertLessEqual(
-            {f["payload"].get("code") for f in got}, {None, "bad-json"}
-        )
+        codes = {f["payload"].get("code") for f in got}
+        # Filters deeper than MAX_FILTER_DEPTH are refused as bad frames.
+        self.assertEqual(codes, {None, "bad-json", "bad-frame"})
 
-    @_known_bug(
-        "a line over the limit right after another one is answered "
-        "line-too-long twice (caps/protocol.py, dataReceived)"
-    )
     def test_one_line_too_long_error(self):
         """Two lines over the limit in one read get one line-too-long, then the close."""
         scene = self.scene(max_line=100, victim=False)
@@ -569,10 +520,6 @@ class FuzzFindingsTests(_FuzzTestCase):
         self.addCleanup(client.protocol.connectionLost, None)
         return clock, client
 
-    @_known_bug(
-        "a messageId with a lone surrogate cannot be written to SQLite, and "
-        "the failed batch is retried for ever: the store stays unavailable"
-    )
     def test_surrogate_message_id_on_sqlite(self):
         """A publish whose messageId is a lone surrogate leaves the SQLite store writable for the next publish."""
         clock, client = self.sqlite_client()
@@ -584,10 +531,6 @@ class FuzzFindingsTests(_FuzzTestCase):
         clock.advance(0)
         self.assertEqual([(f["event"], f["id"]) for f in client.frames()], [("ok", 2)])
 
-    @_known_bug(
-        "a received whose messageId is a lone surrogate fails in the SQLite "
-        "look-up of a queue longer than its window: internal-error"
-    )
     def test_surrogate_message_id_received_on_sqlite(self):
         """A received whose messageId is a lone surrogate, on a queue partly on disk, is answered without internal-error."""
         clock, client = self.sqlite_client(window=2)
