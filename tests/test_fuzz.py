@@ -32,6 +32,8 @@ import tempfile
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -39,6 +41,8 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from caps.acl import parse_acl
+from caps.auth import Realm
 from caps.broker import Broker
 from caps.frames import NAME
 from caps.protocol import DEFAULT_MAX_LINE, BrokerFactory
@@ -46,9 +50,11 @@ from caps.store.sqlite import SQLiteStore
 
 from .hostile import (
     BYTES,
+    CONTROL,
     JSON_FRAMES,
     MEBIBYTE_LINES,
     MIB,
+    NAMES,
     chunks,
     deep,
     json_line,
@@ -126,16 +132,25 @@ class _Scene:
     fuzz; L{finish} checks what the fuzzing did.
     """
 
-    def __init__(self, test, max_line=DEFAULT_MAX_LINE, victim=True):
+    def __init__(self, test, max_line=DEFAULT_MAX_LINE, victim=True, acl=None):
         self.test = test
         self.max_line = max_line
         self.clock = Clock()
         self.broker = Broker(self.clock)
-        self.factory = BrokerFactory(self.broker, max_line=max_line)
+        portal = None
+        if acl is not None:
+            checker = InMemoryUsernamePasswordDatabaseDontUse(mallory=b"mallory-pw")
+            portal = Portal(Realm(parse_acl(acl)), [checker])
+        self.factory = BrokerFactory(self.broker, max_line=max_line, portal=portal)
         self.victim = None
         if victim:
             self.victim = self._subscribe_victim()
         self.fuzzed = _Connection(self.factory, 40002)
+        if portal is not None:
+            login = {"clientId": "mallory", "password": "mallory-pw"}
+            self.fuzzed.send(_frame("login", login, id="login"))
+            [answer] = self.fuzzed.frames()
+            assert answer["event"] == "ok", answer
         self.sent = []
 
     def _subscribe_victim(self):
@@ -450,6 +465,54 @@ class FuzzTests(_FuzzTestCase):
         for offset in range(1, len(data)):
             self.assertEqual(run([data[:offset], data[offset:]]), expected, offset)
         self.assertEqual(run([data[i : i + 1] for i in range(len(data))]), expected)
+
+
+# Mallory may publish to and consume the fuzzer's own names only (which
+# never name the victim).
+MALLORY_ACL = """
+[mallory]
+publish = ["*"]
+to = ["[abxy01]*"]
+consume = ["*"]
+"""
+
+
+class AuthFuzzTests(_FuzzTestCase):
+    """
+    A logged-in client that names the victim's queues in valid and
+    near-valid frames.
+    """
+
+    @fuzz(300)
+    @given(st.data(), st.integers(1, 8))
+    def test_cannot_touch_the_victim(self, data, count):
+        """Frames naming another client's queue, or addressed to it, are forbidden and leave its queue exactly as it was."""
+        scene = self.scene(acl=MALLORY_ACL)
+        aimed = []
+        for n in range(count):
+            if not data.draw(st.booleans(), label=f"valid {n}"):
+                # Noise: a near-valid frame on the fuzzer's own names.
+                scene.send(data.draw(near_valid_frames(f"m{n}")) + b"\n")
+                continue
+            frame = dict(data.draw(valid_frames()), id=f"v{n}")
+            payload = frame["payload"]
+            if frame["event"] == "ping":
+                pass
+            elif frame["event"] in CONTROL:
+                payload["clientId"] = scene.victim_id
+                if data.draw(st.booleans()):
+                    payload["event"] = scene.victim_event
+                aimed.append(frame["id"])
+            elif data.draw(st.booleans()):
+                frame["to"] = [scene.victim_id, *data.draw(st.lists(NAMES, max_size=2))]
+                aimed.append(frame["id"])
+            scene.send(json.dumps(frame).encode() + b"\n")
+        got = self.finish(scene)
+        codes = {
+            f.get("id"): f["payload"].get("code") for f in got if f["event"] == "error"
+        }
+        for request_id in aimed:
+            self.assertEqual(codes.get(request_id), "forbidden", request_id)
 
 
 class FuzzFindingsTests(_FuzzTestCase):
