@@ -14,21 +14,20 @@ def positive_int(value):
 positive_int.coerceDoc = "A positive whole number."
 
 
-def seconds(value):
-    number = float(value)
-    if not number >= 0:
-        raise ValueError(f"{value} is not a number of seconds")
-    return number
+def _non_negative(what, doc):
+    """
+    A coercion to a float of at least 0 (a NaN is refused too).
+    """
+
+    def coerce(value):
+        number = float(value)
+        if not number >= 0:
+            raise ValueError(f"{value} is not {what}")
+        return number
+
+    coerce.coerceDoc = doc
+    return coerce
 
 
-seconds.coerceDoc = "Seconds (decimals allowed)."
-
-
-def rate(value):
-    number = float(value)
-    if not number >= 0:
-        raise ValueError(f"{value} is not a rate")
-    return number
-
-
-rate.coerceDoc = "Per second (decimals allowed); 0 for no limit."
+seconds = _non_negative("a number of seconds", "Seconds (decimals allowed).")
+rate = _non_negative("a rate", "Per second (decimals allowed); 0 for no limit.")
