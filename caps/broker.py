@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from caps.delivery import Delivery
 from caps.eventlog import EventLog
 from caps.frames import DEAD_SUFFIX, ProtocolError
+from caps.monitor import Monitor, queue_row
 from caps.paging import Paging
 from caps.queue import Message, Queue
 from caps.routing import SubscriptionIndex
@@ -84,6 +85,7 @@ class Broker(Delivery, Paging):
     max_unacked: int = MAX_UNACKED
     default_ttl: float | None = None
     log_events: bool = True
+    monitor: Monitor = attrs.Factory(Monitor)
     log = Logger()
     _state: State = attrs.field(init=False)
     _index: SubscriptionIndex = attrs.Factory(SubscriptionIndex)
@@ -156,6 +158,94 @@ class Broker(Delivery, Paging):
         The queue (clientId, event), or L{None} if there is none.
         """
         return self._queues.get((client_id, event))
+
+    # What observers see
+
+    def queue_rows(self, visible=None):
+        """
+        Every queue (or those for which C{visible(clientId)} is true) as
+        the operator's page shows it, ordered by (clientId, event).
+        """
+        now = self.clock.seconds()
+        return [
+            queue_row(self, queue, now)
+            for key, queue in sorted(self._queues.items())
+            if visible is None or visible(key[0])
+        ]
+
+    def client_rows(self, visible=None):
+        """
+        Every connection: its address, the clientId it logged in as (or
+        L{None}), the queues it consumes and how many messages are in
+        flight to it.
+        """
+        rows = []
+        for connection, session in self._sessions.items():
+            identity = getattr(connection, "identity", None)
+            client_id = identity.client_id if identity is not None else None
+            consuming = sorted(q.key for q in session.consuming)
+            if visible is not None and not (
+                visible(client_id) or any(visible(c) for c, _ in consuming)
+            ):
+                continue
+            rows.append(
+                {
+                    "address": str(getattr(connection, "address", None)),
+                    "clientId": client_id,
+                    "subscriptions": [
+                        {"clientId": c, "event": e} for c, e in consuming
+                    ],
+                    "inFlight": len(session.in_flight),
+                }
+            )
+        return rows
+
+    def peek(self, client_id, event, after=0, limit=100):
+        """
+        The messages of (clientId, event) held in memory with a sequence
+        number after C{after}, oldest first, at most C{limit}, without
+        consuming them; and how many more the queue holds past them
+        (those beyond the store's window included).
+        """
+        queue = self._queues.get((client_id, event))
+        if queue is None:
+            return [], 0
+        entries = sorted(
+            (e for e in queue.entries() if e.message.seq > after),
+            key=lambda e: e.message.seq,
+        )
+        shown = entries[:limit]
+        rows = [
+            {
+                "seq": e.message.seq,
+                "messageId": e.message.id,
+                "time": e.message.time,
+                "payload": e.message.payload.decode("utf-8"),
+                "deliveries": e.deliveries,
+                "inFlight": e.owner is not None,
+            }
+            for e in shown
+        ]
+        return rows, len(entries) - len(shown) + queue.spilled
+
+    def purge(self, client_id, event):
+        """
+        Delete every message of (clientId, event) that is not in flight;
+        the queue and its subscription stay.
+
+        @return: how many were deleted.
+        """
+        self._check_writable()
+        queue = self._queues.get((client_id, event))
+        if queue is None:
+            return 0
+        purged = 0
+        for entry in [e for e in queue.entries() if e.owner is None]:
+            queue.remove(entry.message.id)
+            self.store.entry_removed(queue, entry.message)
+            self._release(entry.message)
+            purged += 1
+        return purged
 
     def _queue(self, client_id, event):
         queue = self._queues.get((client_id, event))
@@ -414,13 +504,16 @@ class Broker(Delivery, Paging):
         """
         if entry.owner is not None:
             self._take_back(entry)
+        self.monitor.totals.acknowledged += 1
         self.store.entry_removed(queue, entry.message)
         self._release(entry.message)
         self._pump(queue)
 
     # Publishing
 
-    def publish(self, event, payload, body, to=(), message_id=None, ttl=None):
+    def publish(
+        self, event, payload, body, to=(), message_id=None, ttl=None, sender=None
+    ):
         """
         Route a message to the queues of the clientIds in C{to} and to every
         subscribed queue whose filter it matches.
@@ -429,6 +522,8 @@ class Broker(Delivery, Paging):
         @param body: the payload as encoded JSON bytes, sent as is.
         @param ttl: seconds it may wait in a queue before it goes to the
             dead letters; L{None} for the broker's default.
+        @param sender: the clientId the publisher logged in as, if it did
+            (for observers).
         @raise QueueFull: if any of those queues is full; nothing is stored.
         """
         self._check_writable()
@@ -472,11 +567,13 @@ class Broker(Delivery, Paging):
         message = Message(message_id, event, body, state.seq, now, expires)
         if self.log_events:
             self._events.add(message)
+        self.monitor.published(message, queues, sender)
         if queues:
             self.store.message_added(message, queues)
             window = self.store.window
             held = 0
             for queue in queues:
+                queue.published += 1
                 if queue.spilled or (window is not None and queue.in_memory >= window):
                     # Its tail is in the store only; read back as it drains.
                     queue.spilled += 1

@@ -138,6 +138,13 @@ class Delivery:
         if consumer is not None:
             consumer.held += 1
         entry.deliveries += 1
+        queue = entry.queue
+        queue.delivered += 1
+        queue.in_flight += 1
+        totals = self.monitor.totals
+        totals.delivered += 1
+        if entry.deliveries > 1:
+            totals.redelivered += 1
         self.store.delivered(entry)
         in_flight = session.in_flight
         in_flight[entry] = None
@@ -156,6 +163,7 @@ class Delivery:
         session = entry.owner
         consumer = entry.consumer
         del session.in_flight[entry]
+        entry.queue.in_flight -= 1
         holder = consumer if consumer is not None else session
         holder.timed.pop(entry, None)
         entry.owner = None
@@ -252,6 +260,7 @@ class Delivery:
         """
         queue = entry.queue
         dead = self._queue(queue.client_id, queue.event + DEAD_SUFFIX)
+        self.monitor.totals.dead_lettered += 1
         self._move(entry, dead, entry.deliveries, (reason, self.clock.seconds()))
         self.log.warn(
             "dead letter: {messageId} of ({clientId}, {event}) after "

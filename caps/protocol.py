@@ -325,8 +325,15 @@ class BrokerProtocol(LineReceiver, TimeoutMixin, Gate, Replies):
                 f"the payload is {len(c.body)} bytes as compact JSON; "
                 f"the limit is {self.max_payload}"
             )
+        identity = self.identity
         return "ok", self.broker.publish(
-            c.event, c.payload, c.body, c.to, c.message_id, c.ttl
+            c.event,
+            c.payload,
+            c.body,
+            c.to,
+            c.message_id,
+            c.ttl,
+            identity.client_id if identity is not None else None,
         )
 
     def deliver(self, entry):

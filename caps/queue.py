@@ -107,6 +107,10 @@ class Queue:
     with_room: deque = attrs.Factory(deque)
     # How many of its messages can expire
     expiring: int = 0
+    # Messages in flight now; published to it and sent from it, in all
+    in_flight: int = 0
+    published: int = 0
+    delivered: int = 0
     spilled: int = 0
     last_seq: int = 0
     loading: bool = False

@@ -1,0 +1,124 @@
+"""
+What the broker tells its observers: running totals, the recent messages
+(a bounded log, so a page opened late can catch up before it goes live),
+and snapshots of its queues and clients.  Pure data; the web pages, the
+JSON API and the metrics read it.
+"""
+
+import json
+from collections import deque
+
+import attrs
+
+# Messages kept in the recent log.
+RECENT = 10_000
+
+
+@attrs.define
+class Totals:
+    """
+    Running totals since the broker started.
+    """
+
+    published: int = 0
+    delivered: int = 0
+    redelivered: int = 0
+    acknowledged: int = 0
+    dead_lettered: int = 0
+
+
+@attrs.define(eq=False)
+class Recent:
+    """
+    One message in the recent log.
+
+    @ivar message: the L{caps.queue.Message}.
+    @ivar recipients: the clientIds of the queues it went to.
+    @ivar sender: the clientId its publisher logged in as, or L{None}.
+    """
+
+    message: object
+    recipients: tuple
+    sender: str | None
+
+    @property
+    def seq(self):
+        return self.message.seq
+
+    def involves(self, client_id):
+        """
+        Whether C{client_id} sent it, gets it, or is the C{store} its
+        payload names (a pickup names the store it is for).
+        """
+        if client_id == self.sender or client_id in self.recipients:
+            return True
+        return self.payload().get("store") == client_id
+
+    def payload(self):
+        value = json.loads(self.message.payload)
+        return value if isinstance(value, dict) else {}
+
+    def as_json(self):
+        message = self.message
+        return {
+            "seq": message.seq,
+            "time": message.time,
+            "event": message.event,
+            "messageId": message.id,
+            "recipients": list(self.recipients),
+            "sender": self.sender,
+            "payload": self.payload(),
+        }
+
+
+@attrs.define(eq=False)
+class Monitor:
+    """
+    The totals, and the recent log with the callables told of each new
+    message in it (live pages).
+    """
+
+    size: int = RECENT
+    totals: Totals = attrs.Factory(Totals)
+    recent: deque = attrs.field(init=False)
+    listeners: set = attrs.Factory(set)
+
+    def __attrs_post_init__(self):
+        self.recent = deque(maxlen=self.size)
+
+    def published(self, message, queues, sender=None):
+        self.totals.published += 1
+        entry = Recent(message, tuple(q.client_id for q in queues), sender)
+        self.recent.append(entry)
+        for listener in list(self.listeners):
+            listener(entry)
+
+    def since(self, after=0, client_id=None):
+        """
+        The recent messages after sequence number C{after}, oldest first;
+        only those that involve C{client_id}, if given.
+        """
+        found = [r for r in self.recent if r.seq > after]
+        if client_id is not None:
+            found = [r for r in found if r.involves(client_id)]
+        return found
+
+
+def queue_row(broker, queue, now):
+    """
+    One queue as the operator's page shows it.
+    """
+    dead = broker.queue(queue.client_id, queue.event + ".dead")
+    head = queue.peek_ready()
+    return {
+        "clientId": queue.client_id,
+        "event": queue.event,
+        "depth": len(queue),
+        "inFlight": queue.in_flight,
+        "deadLetters": len(dead) if dead is not None else 0,
+        "consumers": len(queue.consumers),
+        "subscribed": queue.subscribed,
+        "oldestAge": (now - head.message.time) if head is not None else None,
+        "published": queue.published,
+        "delivered": queue.delivered,
+    }
