@@ -92,6 +92,22 @@ class Permissions:
                 return f"{self.client_id} may not address messages to {client_id!r}"
         return None
 
+    def sees(self, client_id):
+        """
+        Whether this client may look at C{client_id}'s queues and messages
+        (its own, or those its ACL lets it observe).
+        """
+        return client_id == self.client_id or (
+            self._observe is not None and bool(self._observe.match(client_id))
+        )
+
+    @property
+    def sees_all(self):
+        """
+        Whether it may observe every clientId (the operator's view).
+        """
+        return "*" in self.grant.observe
+
     def consume_refusal(self, client_id, event):
         """
         Why this client may not consume the queue (C{client_id}, C{event})

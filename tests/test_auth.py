@@ -398,6 +398,16 @@ class ACLFileTests(SynchronousTestCase):
         self.assertIsNone(permissions.consume_refusal("x-1", "b"))
         self.assertIsNotNone(acl.permissions("y").consume_refusal("y", "b"))
 
+    def test_sees(self):
+        """A client sees its own clientId and those it may observe; only observe = ["*"] sees all."""
+        acl = parse_acl(ACL)
+        dashboard, acme = acl.permissions("dashboard"), acl.permissions("acme-widgets")
+        self.assertTrue(dashboard.sees("acme-widgets"))
+        self.assertTrue(dashboard.sees_all)
+        self.assertTrue(acme.sees("acme-widgets"))
+        self.assertFalse(acme.sees("flowers-r-us"))
+        self.assertFalse(acme.sees_all)
+
     def test_errors(self):
         """A malformed ACL is refused with a message saying what is wrong."""
         for text, mentions in (
