@@ -239,15 +239,22 @@ class Delivery:
     def _retime(self, holder, ack_timeout):
         """
         A consumer's ack timeout changed: messages it holds get no more
-        time than the new timeout gives from now (deadlines stay in order).
+        time than the new timeout gives from now, and those sent while it
+        had none get that much (deadlines stay in order).
         """
+        untimed = holder.ack_timeout <= 0
         holder.ack_timeout = ack_timeout
         if ack_timeout <= 0:
             holder.timed.clear()
             return
         latest = self.clock.seconds() + ack_timeout
-        for entry, deadline in holder.timed.items():
-            holder.timed[entry] = min(deadline, latest)
+        timed = holder.timed
+        for entry, deadline in timed.items():
+            timed[entry] = min(deadline, latest)
+        if untimed:
+            for entry in holder.session.in_flight:
+                if entry.consumer is holder:
+                    timed[entry] = latest
         holder.armed = False
         self._arm(holder)
 

@@ -125,6 +125,21 @@ class AckTimeoutMoreTests(_BrokerCase):
         self.clock.advance(1)
         self.assertEqual(sorted(d["payload"]["n"] for d in a.take()), [0, 1, 1])
 
+    def test_timeout_given_to_untimed(self):
+        """Messages sent under ackTimeout 0 get the new timeout when the consumer subscribes again with one."""
+        a = self.connect()
+        self.broker.subscribe(a, "driver", "pickup", prefetch=1, ack_timeout=0)
+        mid = self.publish(0)
+        self.publish(1)
+        self.assertEqual(a.ids(), [mid])
+        self.clock.advance(100)
+        self.broker.subscribe(a, "driver", "pickup", prefetch=1, ack_timeout=1)
+        self.assertEqual(len(a.take()), 1)
+        self.clock.advance(1)
+        # Back in the queue, and sent again (the oldest first).
+        [again] = a.take()
+        self.assertEqual((again["messageId"], again["deliveries"]), (mid, 2))
+
     def test_many_timeouts_at_once(self):
         """Tens of thousands of messages timing out together go back in one pass, in order."""
         self.broker = self.make_broker(ack_timeout=5, max_unacked=20_000)
