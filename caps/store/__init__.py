@@ -59,6 +59,10 @@ class IStore(Interface):
     Durable storage for the broker's state.  The broker calls the change
     methods synchronously, in the order it makes the changes; none of them
     does I/O on the caller's thread.
+
+    A store that commits in groups may also have C{commit_observers}, a
+    list of callables it tells (on the reactor thread) the seconds each
+    commit took; the metrics use it where it exists (the SQLite store).
     """
 
     available = Attribute("False while the store is failing to write.")
