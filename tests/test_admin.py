@@ -8,14 +8,21 @@ import base64
 import io
 import json
 import os
+import re
 import socket
 import tempfile
 import threading
+import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from unittest import SkipTest
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from caps import admin
+
+from .processes import START_TIMEOUT, RunningBroker, read, send
 
 QUEUES = {
     "time": 1700000100.0,
@@ -478,3 +485,123 @@ class AdminTests(SynchronousTestCase):
         self.assertEqual(answer, CLIENTS)
         error = self.assertRaises(admin.AdminError, client.peek, "x", "y")
         self.assertEqual((error.status, error.code), (404, "not-found"))
+
+
+WEB_LISTENING = re.compile(r"CAPS web listening on (\S+)")
+
+
+def web_broker(test, store, *args):
+    """
+    A real broker with C{--web} on a free loopback port, stopped at the end
+    of C{test}; returns it and its web URL.
+    """
+    from caps.tap import Options
+
+    if not hasattr(Options, "opt_web"):
+        raise SkipTest("caps-broker has no --web option yet")
+    broker = RunningBroker(store, "--web", "tcp:0:interface=127.0.0.1", *args)
+    test.addCleanup(broker.stop)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        found = WEB_LISTENING.search(broker.text())
+        if found:
+            return broker, "http://" + found.group(1)
+        if broker.process.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise AssertionError("the web site did not start:\n" + broker.text())
+
+
+def until(reader, event):
+    """
+    Read frames until one of C{event}; return it.
+    """
+    while True:
+        frame = read(reader)
+        if frame["event"] == event:
+            return frame
+
+
+class RealBrokerTests(SynchronousTestCase):
+    def test_every_command(self):
+        """Every command works against twistd caps-broker --store memory --web, and /metrics agrees with what was done."""
+        broker, url = web_broker(self, "memory", "--max-deliveries", "1")
+        driver, driver_in = broker.connect()
+        vendor, vendor_in = broker.connect()
+        self.addCleanup(driver.close)
+        self.addCleanup(vendor.close)
+        send(
+            driver,
+            {
+                "event": "subscribe",
+                "id": 1,
+                "payload": {"clientId": "driver", "event": "pickup"},
+            },
+        )
+        until(driver_in, "ok")
+        for n, (event, to) in enumerate(
+            [("pickup", "driver"), ("pickup", "driver"), ("delivered", "acme")]
+        ):
+            send(
+                vendor,
+                {"event": event, "to": to, "id": n, "payload": {"orderId": str(n)}},
+            )
+            until(vendor_in, "ok")
+        first, second = until(driver_in, "pickup"), until(driver_in, "pickup")
+        for n, (kind, message) in enumerate([("received", first), ("nack", second)]):
+            payload = {"clientId": "driver", "event": "pickup"}
+            payload["messageId"] = message["messageId"]
+            send(driver, {"event": kind, "id": 10 + n, "payload": payload})
+            until(driver_in, "ok")
+
+        def run(*argv):
+            out, err = io.StringIO(), io.StringIO()
+            code = admin.main(["--url", url, *argv], out, err)
+            self.assertEqual((code, err.getvalue()), (0, ""), argv)
+            return out.getvalue()
+
+        queues = json.loads(run("--json", "queues"))
+        rows = {(q["clientId"], q["event"]): q for q in queues["queues"]}
+        self.assertEqual(rows["acme", "delivered"]["depth"], 1)
+        self.assertEqual(rows["driver", "pickup"]["deadLetters"], 1)
+        self.assertEqual(rows["driver", "pickup.dead"]["depth"], 1)
+        table = run("queues").splitlines()
+        self.assertEqual(table[0].split(), list(admin.QUEUE_COLUMNS))
+        self.assertEqual(table[1].split()[:3], ["acme", "delivered", "1"])
+        peeked = run("peek", "acme", "delivered").splitlines()
+        self.assertEqual(len(peeked), 2)
+        self.assertTrue(peeked[1].endswith('{"orderId":"2"}'), peeked[1])
+        clients = json.loads(run("--json", "clients"))["clients"]
+        self.assertEqual(len(clients), 2)
+        self.assertIn(
+            [{"clientId": "driver", "event": "pickup"}],
+            [c["subscriptions"] for c in clients],
+        )
+        self.assertEqual(run("clients").count("driver/pickup"), 1)
+        self.assertEqual(
+            run("requeue", "driver", "pickup").splitlines()[1].split(),
+            ["driver", "pickup", "1"],
+        )
+        self.assertEqual(until(driver_in, "pickup")["messageId"], second["messageId"])
+        self.assertEqual(
+            json.loads(run("--json", "purge", "acme", "delivered")), {"purged": 1}
+        )
+        out, err = io.StringIO(), io.StringIO()
+        code = admin.main(["--url", url, "peek", "nobody", "nothing"], out, err)
+        self.assertEqual(code, 1)
+        self.assertTrue(err.getvalue().startswith("caps.admin: 404 no-queue: "))
+
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+            text = response.read().decode("utf-8")
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+
+        def total(name):
+            (sample,) = [s for s in families[name].samples if s.name == name + "_total"]
+            return sample.value
+
+        self.assertEqual(total("caps_messages_published"), 3)
+        self.assertEqual(total("caps_messages_acknowledged"), 1)
+        self.assertEqual(total("caps_messages_dead_lettered"), 1)
+        self.assertEqual(total("caps_messages_delivered"), 3)
+        self.assertEqual(families["caps_connections"].samples[0].value, 2)
+        self.assertNotIn("caps_store_commit_seconds", families)

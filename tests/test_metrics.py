@@ -5,6 +5,7 @@ driven with a fake clock, and the SQLite store's commit histogram.
 
 import os
 import tempfile
+import urllib.request
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,6 +18,8 @@ from caps.metrics import BrokerCollector, metrics_registry, snapshot
 from caps.store.sqlite import SQLiteStore
 
 from .helpers import RecordingConnection
+from .processes import read, send
+from .test_admin import web_broker
 from .test_store import synchronous
 
 START = 1_700_000_000
@@ -26,7 +29,10 @@ def scrape(registry):
     """
     The registry's text exposition, parsed: {family name: family}.
     """
-    text = generate_latest(registry).decode("utf-8")
+    return scrape_text(generate_latest(registry).decode("utf-8"))
+
+
+def scrape_text(text):
     return {f.name: f for f in text_string_to_metric_families(text)}
 
 
@@ -250,3 +256,35 @@ class CommitHistogramTests(SynchronousTestCase):
         self.successResultOf(waiting)
         self.assertEqual(len(seen), 1)
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+
+class RealMetricsTests(SynchronousTestCase):
+    def test_scrape_sqlite_broker(self):
+        """A real broker on SQLite with --web serves /metrics with its totals and the commits it made, read off the reactor thread."""
+        scratch = tempfile.TemporaryDirectory(prefix="caps-metrics-")
+        self.addCleanup(scratch.cleanup)
+        store = "sqlite:" + os.path.join(scratch.name, "caps.sqlite3")
+        broker, url = web_broker(self, store)
+        vendor, vendor_in = broker.connect()
+        self.addCleanup(vendor.close)
+        for n in range(3):
+            send(
+                vendor,
+                {"event": "pickup", "to": "driver", "id": n, "payload": {"n": n}},
+            )
+            self.assertEqual(read(vendor_in)["event"], "ok")
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+            self.assertTrue(
+                response.headers["Content-Type"].startswith("text/plain"),
+                response.headers["Content-Type"],
+            )
+            families = scrape_text(response.read().decode("utf-8"))
+        self.assertEqual(value(families, "caps_messages_published", "_total"), 3)
+        self.assertEqual(
+            value(families, "caps_queue_depth", client_id="driver", event="pickup"), 3
+        )
+        self.assertEqual(value(families, "caps_connections"), 1)
+        # Each ok is sent once its commit is done: 3 commits at least.
+        self.assertGreaterEqual(
+            value(families, "caps_store_commit_seconds", "_count"), 3
+        )
