@@ -83,6 +83,12 @@ QUEUE_METRICS = (
     ),
     ("caps_queue_consumers", "gauge", "consumers", "Consumers subscribed now."),
     (
+        "caps_queue_subscribed",
+        "gauge",
+        "subscribed",
+        "1 if the queue has a subscription (it gets matching messages), else 0.",
+    ),
+    (
         "caps_queue_oldest_age_seconds",
         "gauge",
         "oldestAge",
@@ -112,6 +118,7 @@ class Snapshot:
     totals: dict
     queues: list
     connections: int
+    store_available: bool
 
 
 def snapshot(broker):
@@ -122,6 +129,7 @@ def snapshot(broker):
         totals=attrs.asdict(broker.monitor.totals),
         queues=broker.queue_rows(),
         connections=len(broker.client_rows()),
+        store_available=bool(broker.store.available),
     )
 
 
@@ -151,10 +159,18 @@ class BrokerCollector:
                 name, text, labels=QUEUE_LABELS
             )
             for row in seen.queues:
-                family.add_metric((row["clientId"], row["event"]), row[field] or 0)
+                # None (no oldest message) is 0; True (subscribed) is 1.
+                family.add_metric(
+                    (row["clientId"], row["event"]), float(row[field] or 0)
+                )
             yield family
         yield GaugeMetricFamily(
             "caps_connections", "Client connections open.", value=seen.connections
+        )
+        yield GaugeMetricFamily(
+            "caps_store_available",
+            "1 if the store is writing; 0 while its writes fail (changes refused).",
+            value=int(seen.store_available),
         )
 
 

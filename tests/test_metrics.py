@@ -4,18 +4,20 @@ driven with a fake clock, and the SQLite store's commit histogram.
 """
 
 import os
+import sqlite3
 import tempfile
 import urllib.request
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from caps.broker import Broker
 from caps.frames import encode_json
 from caps.metrics import BrokerCollector, metrics_registry, snapshot
-from caps.store.sqlite import SQLiteStore
+from caps.store.sqlite import RETRY_DELAY, SQLiteStore
 
 from .helpers import RecordingConnection
 from .processes import read, send
@@ -94,6 +96,7 @@ class MetricsTests(SynchronousTestCase):
             self.assertEqual(value(families, name, "_total"), 0)
         self.assertEqual(families["caps_queue_depth"].samples, [])
         self.assertEqual(value(families, "caps_connections"), 0)
+        self.assertEqual(value(families, "caps_store_available"), 1)
         # The memory store has no commits to time.
         self.assertNotIn("caps_store_commit_seconds", families)
 
@@ -147,6 +150,8 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(value(families, "caps_queue_dead_letters", **acme), 0)
         self.assertEqual(value(families, "caps_queue_consumers", **pickup), 1)
         self.assertEqual(value(families, "caps_queue_consumers", **acme), 0)
+        self.assertEqual(value(families, "caps_queue_subscribed", **pickup), 1)
+        self.assertEqual(value(families, "caps_queue_subscribed", **acme), 0)
         # Waiting 7 s; nothing waits in the pickup queue (in flight only).
         self.assertEqual(value(families, "caps_queue_oldest_age_seconds", **acme), 7)
         self.assertEqual(value(families, "caps_queue_oldest_age_seconds", **pickup), 0)
@@ -241,6 +246,24 @@ class CommitHistogramTests(SynchronousTestCase):
         self.assertEqual(len(seen), 1)
         self.assertIsInstance(seen[0], float)
         self.assertGreaterEqual(seen[0], 0)
+
+    def test_store_unavailable(self):
+        """caps_store_available is 0 while the store's writes fail, and 1 again once one succeeds."""
+        registry = metrics_registry(self.broker)
+        self.store._runner = lambda f, *args: defer.fail(
+            sqlite3.OperationalError("disk I/O error")
+        )
+        self.broker.publish("pickup", {}, b"{}", ("driver",))
+        self.clock.advance(0)
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
+        families = scrape(registry)
+        self.assertEqual(value(families, "caps_store_available"), 0)
+        self.assertEqual(value(families, "caps_store_commit_seconds", "_count"), 0)
+        self.store._runner = synchronous
+        self.clock.advance(RETRY_DELAY)
+        families = scrape(registry)
+        self.assertEqual(value(families, "caps_store_available"), 1)
+        self.assertEqual(value(families, "caps_store_commit_seconds", "_count"), 1)
 
     def test_failing_observer_logged(self):
         """An observer that raises is logged and does not stop the commit's waiters or the other observers."""
