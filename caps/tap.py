@@ -190,6 +190,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def __init__(self):
         super().__init__()
         self["listen"] = []
+        self["web"] = []
 
     def opt_auth(self, description):
         kind, _, path = description.partition(":")
@@ -215,18 +216,29 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         """
         self["listen"].append(description)
 
+    def opt_web(self, description):
+        """
+        Serve the web pages, the JSON API and /metrics on this server
+        endpoint description (repeatable; e.g. tcp:8080:interface=127.0.0.1);
+        default none.
+        """
+        self["web"].append(description)
+
     def postOptions(self):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         from twisted.internet import reactor
 
-        for description in self["listen"]:
-            try:
-                endpoints.serverFromString(reactor, description)
-            except Exception as e:
-                # The ssl: parser reads its files: a missing or bad one
-                # raises OSError, OpenSSL's errors or VerifyError.
-                raise usage.UsageError(f"bad --listen {description!r}: {e}") from None
+        for option in ("listen", "web"):
+            for description in self[option]:
+                try:
+                    endpoints.serverFromString(reactor, description)
+                except Exception as e:
+                    # The ssl: parser reads its files: a missing or bad one
+                    # raises OSError, OpenSSL's errors or VerifyError.
+                    raise usage.UsageError(
+                        f"bad --{option} {description!r}: {e}"
+                    ) from None
         kind, _, path = self["store"].partition(":")
         if not (kind == "memory" and not path or kind == "sqlite" and path):
             raise usage.UsageError(
@@ -260,6 +272,7 @@ class ListenService(service.Service):
     """
 
     log = Logger()
+    label = "CAPS broker"
 
     def __init__(self, reactor, descriptions, factory):
         self.reactor = reactor
@@ -283,7 +296,8 @@ class ListenService(service.Service):
                 raise ListenError(f"caps-broker: {description} did not start listening")
             self.ports.append(port)
             self.log.info(
-                "CAPS broker listening on {address}{tls}",
+                "{label} listening on {address}{tls}",
+                label=self.label,
                 address=_address(port.getHost()),
                 tls=" (TLS)" if description.startswith("ssl:") else "",
             )
@@ -299,6 +313,14 @@ class ListenService(service.Service):
         return defer.gatherResults(
             [defer.maybeDeferred(p.stopListening) for p in ports]
         )
+
+
+class WebListenService(ListenService):
+    """
+    Listens for the web site (C{--web}).
+    """
+
+    label = "CAPS web"
 
 
 _LOOPBACK = ("127.", "::1", "localhost")
@@ -371,11 +393,12 @@ def makeService(options, reactor=None):
         guard = portal.Portal(Realm(options["acl"] or OpenACL()), checkers)
     else:
         guard = None
-        exposed = [d for d in options["listen"] if not _loopback_only(d)]
+        everywhere = options["listen"] + options["web"]
+        exposed = [d for d in everywhere if not _loopback_only(d)]
         log.warn(
             "CAPS broker is OPEN: no --auth, so anyone who can connect may act "
             "as any clientId. Listening on {listen}.{exposed}",
-            listen=", ".join(options["listen"]),
+            listen=", ".join(everywhere),
             exposed=(f" NOT loopback only: {', '.join(exposed)}" if exposed else ""),
         )
     factory = BrokerFactory(
@@ -394,4 +417,23 @@ def makeService(options, reactor=None):
     top = service.MultiService()
     StoreService(store, broker).setServiceParent(top)
     ListenService(reactor, options["listen"], factory).setServiceParent(top)
+    if options["web"]:
+        WebListenService(
+            reactor, options["web"], _web_site(broker, guard)
+        ).setServiceParent(top)
     return top
+
+
+def _web_site(broker, guard):
+    """
+    The web site (C{--web}), with C{/metrics} if L{caps.metrics} is there.
+    """
+    from caps.web import make_site
+
+    try:
+        from caps.metrics import metrics_resource
+    except ImportError:
+        metrics = None
+    else:
+        metrics = metrics_resource(broker)
+    return make_site(broker, portal=guard, metrics=metrics)

@@ -6,25 +6,35 @@ StringTransport, the broker on a task.Clock.
 """
 
 import base64
+import http.client
 import json
 import os
+import re
+import signal
 import tempfile
+import time
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource
+from twisted.web.guard import HTTPAuthSessionWrapper
 
+from caps import tap
 from caps.acl import parse_acl
-from caps.auth import Realm
+from caps.auth import Realm, hash_password
 from caps.broker import Broker
 from caps.web import make_site
+from caps.web.site import WebSite
 from tests.helpers import RecordingConnection
+from tests.processes import RunningBroker, read, send
 
 ACL = """
 ["acme"]
@@ -38,6 +48,7 @@ consume = ["*"]
 observe = ["*"]
 """
 PASSWORDS = {"acme": b"acme-pw", "globex": b"globex-pw", "ops": b"ops-pw"}
+WEB_LISTENING = re.compile(r"CAPS web listening on (\S+)")
 PAGES = {
     "operator.html": b"<!doctype html><title>operator</title>",
     "store.html": b"<!doctype html><title>store</title>",
@@ -728,3 +739,141 @@ class AuthStreamTests(_WebCase):
         self.assertEqual(
             {q["clientId"] for q in json.loads(snapshot["data"])["queues"]}, {"acme"}
         )
+
+
+class TapTests(SynchronousTestCase):
+    """
+    The --web option of twistd caps-broker.
+    """
+
+    def make(self, reactor, *argv):
+        options = tap.Options()
+        options.parseOptions(["--store", "memory", *argv])
+        return tap.makeService(options, reactor=reactor)
+
+    def test_web_listens(self):
+        """--web (repeatable) serves the web site on each endpoint, open without --auth, guarded with it."""
+        reactor = MemoryReactor()
+        service = self.make(
+            reactor,
+            "--web",
+            "tcp:8080:interface=127.0.0.1",
+            "--web",
+            "tcp:8081:interface=127.0.0.1",
+        )
+        service.startService()
+        [broker_port, first, second] = reactor.tcpServers
+        self.assertEqual((first[0], second[0]), (8080, 8081))
+        self.assertIsInstance(first[1], WebSite)
+        self.assertIs(first[1], second[1])
+        self.assertTrue(first[1].open)
+        self.successResultOf(service.stopService())
+        reactor = MemoryReactor()
+        service = self.make(
+            reactor, "--auth", "memory:acme:pw", "--web", "tcp:8080:interface=127.0.0.1"
+        )
+        service.startService()
+        site = reactor.tcpServers[1][1]
+        self.assertIsInstance(site.resource, HTTPAuthSessionWrapper)
+        self.assertFalse(site.open)
+        self.successResultOf(service.stopService())
+
+    def test_no_web_by_default(self):
+        """Without --web nothing serves HTTP."""
+        reactor = MemoryReactor()
+        service = self.make(reactor)
+        service.startService()
+        self.assertEqual(len(reactor.tcpServers), 1)
+        self.successResultOf(service.stopService())
+
+    def test_bad_web(self):
+        """A --web that is no endpoint description is a usage error naming --web."""
+        e = self.assertRaises(
+            usage.UsageError, tap.Options().parseOptions, ["--web", "nonsense:1"]
+        )
+        self.assertIn("--web", str(e))
+
+    def test_open_warning_names_exposed_web(self):
+        """An open broker's warning names a --web endpoint that is not loopback only."""
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.make(MemoryReactor(), "--web", "tcp:8080")
+        [warning] = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+        self.assertIn("NOT loopback only: tcp:8080", warning)
+        del events[:]
+        self.make(MemoryReactor(), "--web", "tcp:8080:interface=127.0.0.1")
+        [warning] = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+        self.assertNotIn("NOT loopback", warning)
+        self.assertIn("tcp:8080:interface=127.0.0.1", warning)
+
+
+class TwistdWebTests(SynchronousTestCase):
+    """
+    twistd -n caps-broker --web as a process, over loopback HTTP.
+    """
+
+    def test_real_broker(self):
+        """A real broker with --auth and --web answers 401, then the API, then a message on its stream."""
+        scratch = tempfile.TemporaryDirectory(prefix="caps-web-")
+        self.addCleanup(scratch.cleanup)
+        passwords = os.path.join(scratch.name, "passwords.txt")
+        with open(passwords, "w") as f:
+            f.write(f"acme:{hash_password('acme-pw', n=16)}\n")
+        broker = RunningBroker(
+            "memory",
+            "--auth",
+            f"file:{passwords}",
+            "--web",
+            "tcp:0:interface=127.0.0.1",
+        )
+        self.addCleanup(broker.stop)
+        deadline = time.monotonic() + 10
+        while not (match := WEB_LISTENING.search(broker.text())):
+            self.assertLess(time.monotonic(), deadline, broker.text())
+            time.sleep(0.05)
+        host, port = match.group(1).rsplit(":", 1)
+
+        def get(path, password=None, timeout=10):
+            connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+            self.addCleanup(connection.close)
+            headers = {}
+            if password is not None:
+                secret = base64.b64encode(b"acme:" + password).decode()
+                headers["Authorization"] = f"Basic {secret}"
+            connection.request("GET", path, headers=headers)
+            return connection.getresponse()
+
+        self.assertEqual(get("/api/queues").status, 401)
+        self.assertEqual(get("/api/queues", b"wrong").status, 401)
+        response = get("/api/queues", b"acme-pw")
+        self.assertEqual(response.status, 200)
+        self.assertEqual(json.loads(response.read())["queues"], [])
+        stream = get("/api/stream?clientId=acme", b"acme-pw")
+        self.assertEqual(
+            stream.getheader("content-type"), "text/event-stream; charset=utf-8"
+        )
+        sock, reader = broker.connect()
+        self.addCleanup(sock.close)
+        send(
+            sock,
+            {
+                "event": "login",
+                "id": 1,
+                "payload": {"clientId": "acme", "password": "acme-pw"},
+            },
+        )
+        self.assertEqual(read(reader)["event"], "ok")
+        send(
+            sock,
+            {"event": "delivered", "to": "acme", "id": 2, "payload": {"orderId": "o1"}},
+        )
+        self.assertEqual(read(reader)["event"], "ok")
+        lines = []
+        while "event: message" not in lines:
+            lines.append(stream.readline().decode("utf-8").rstrip("\n"))
+        data = json.loads(stream.readline().decode("utf-8").removeprefix("data: "))
+        self.assertEqual(data["payload"], {"orderId": "o1"})
+        self.assertEqual(broker.stop(), -signal.SIGTERM)
+        self.assertNotIn("Traceback", broker.text())
+        self.assertNotIn("acme-pw", broker.text())
