@@ -195,6 +195,7 @@ class WebSite(server.Site):
     """
 
     displayTracebacks = False
+    noisy = False
     open = True
 
     def getResourceFor(self, request):
