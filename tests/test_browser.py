@@ -456,3 +456,22 @@ class BrowserTests(SynchronousTestCase):
         self.browser.set_window_size(390, 844)
         self.screenshot("dashboard-store-phone")
         self.check_console()
+
+        # The operator's page starts over with a new broker: its counts.
+        self.browser.set_window_size(1280, 900)
+        self.open("/")
+        self.wait_status("live")
+        self.broker.stop()
+        self.wait_status("reconnecting…")
+        self.broker.start()
+        self.broker.publish("delivered", STORE, {"store": STORE, "orderId": "o-2001"})
+        self.wait(
+            lambda b: (
+                b.find_element("css selector", '[data-total="published"]').text == "1"
+                and "o-2001" in b.find_element("id", "recent").text
+                and "o-1006" not in b.find_element("id", "recent").text
+            ),
+            "the new broker's counts and messages only",
+        )
+        self.assertIn("restarted", self.browser.find_element("id", "notice").text)
+        self.assertTrue(self.not_reloaded())
