@@ -250,7 +250,11 @@ def show_queues(answer, args):
     )
     totals = answer.get("totals") or {}
     if totals:
-        text += "\ntotals: " + "  ".join(f"{k} {v}" for k, v in totals.items()) + "\n"
+        text += (
+            "\ntotals: "
+            + "  ".join(f"{_clean(k)} {_cell(v)}" for k, v in totals.items())
+            + "\n"
+        )
     return text
 
 

@@ -206,6 +206,14 @@ class AdminTests(SynchronousTestCase):
         self.assertIn("totals: published 12  delivered 9", out)
         self.assertEqual(self.api.requests[0][:2], ("GET", "/api/queues"))
 
+    def test_queues_totals_hidden(self):
+        """Totals the broker does not show to this login (null) are shown as '-'."""
+        answer = dict(QUEUES, totals={"published": 2, "redelivered": None})
+        self.api.answers["GET", "/api/queues"] = (200, answer)
+        code, out, err = self.run_admin("queues")
+        self.assertEqual(code, 0)
+        self.assertEqual(out.splitlines()[-1], "totals: published 2  redelivered -")
+
     def test_queues_json(self):
         """--json prints the API's JSON exactly as it came, for scripts."""
         code, out, err = self.run_admin("--json", "queues")
@@ -523,6 +531,11 @@ def until(reader, event):
 
 
 class RealBrokerTests(SynchronousTestCase):
+    def setUp(self):
+        environ = dict(os.environ)
+        environ.pop("CAPS_PASSWORD", None)
+        self.patch(os, "environ", environ)
+
     def test_every_command(self):
         """Every command works against twistd caps-broker --store memory --web, and /metrics agrees with what was done."""
         broker, url = web_broker(self, "memory", "--max-deliveries", "1")
@@ -605,3 +618,51 @@ class RealBrokerTests(SynchronousTestCase):
         self.assertEqual(total("caps_messages_delivered"), 3)
         self.assertEqual(families["caps_connections"].samples[0].value, 2)
         self.assertNotIn("caps_store_commit_seconds", families)
+
+    def test_login(self):
+        """Against a real broker with --auth and --acl, no login is a 401, an operator sees the queues, and a retailer is refused another's with a 403."""
+        from caps.auth import hash_password
+
+        scratch = tempfile.TemporaryDirectory(prefix="caps-admin-")
+        self.addCleanup(scratch.cleanup)
+
+        def write(name, text):
+            path = os.path.join(scratch.name, name)
+            with open(path, "w") as f:
+                f.write(text)
+            return path
+
+        passwords = write(
+            "passwords.txt",
+            f"ops:{hash_password('ops-pw', n=16)}\n"
+            f"acme:{hash_password('acme-pw', n=16)}\n",
+        )
+        acl = write("acl.toml", '[ops]\nobserve = ["*"]\n[acme]\nconsume = ["*"]\n')
+        broker, url = web_broker(
+            self, "memory", "--auth", f"file:{passwords}", "--acl", acl
+        )
+
+        def run(*argv):
+            out, err = io.StringIO(), io.StringIO()
+            code = admin.main(["--url", url, *argv], out, err)
+            return code, out.getvalue(), err.getvalue()
+
+        code, out, err = run("queues")
+        self.assertEqual(code, 1)
+        self.assertIn("401 unauthorized: the broker needs a login", err)
+        wrong = write("wrong.txt", "nope\n")
+        code, out, err = run("--user", "ops", "--password-file", wrong, "queues")
+        self.assertEqual(
+            (code, err),
+            (1, "caps.admin: 401 unauthorized: wrong clientId or password\n"),
+        )
+        ops = write("ops.txt", "ops-pw\n")
+        code, out, err = run(
+            "--user", "ops", "--password-file", ops, "--json", "queues"
+        )
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(json.loads(out)["queues"], [])
+        os.environ["CAPS_PASSWORD"] = "acme-pw"
+        code, out, err = run("--user", "acme", "peek", "other", "delivered")
+        self.assertEqual(code, 1)
+        self.assertTrue(err.startswith("caps.admin: 403 forbidden: "), err)
