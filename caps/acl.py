@@ -97,6 +97,8 @@ class Permissions:
         Whether this client may look at C{client_id}'s queues and messages
         (its own, or those its ACL lets it observe).
         """
+        if client_id is None:
+            return False
         return client_id == self.client_id or (
             self._observe is not None and bool(self._observe.match(client_id))
         )

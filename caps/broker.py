@@ -177,7 +177,8 @@ class Broker(Delivery, Paging):
         """
         Every connection: its address, the clientId it logged in as (or
         L{None}), the queues it consumes and how many messages are in
-        flight to it.
+        flight to it.  (A connection tells its address and login by its
+        C{remote} and C{identity} attributes, if it has them.)
         """
         rows = []
         for connection, session in self._sessions.items():
@@ -190,7 +191,7 @@ class Broker(Delivery, Paging):
                 continue
             rows.append(
                 {
-                    "address": str(getattr(connection, "address", None)),
+                    "address": getattr(connection, "remote", None),
                     "clientId": client_id,
                     "subscriptions": [
                         {"clientId": c, "event": e} for c, e in consuming

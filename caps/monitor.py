@@ -9,6 +9,7 @@ import json
 from collections import deque
 
 import attrs
+from twisted.logger import Logger
 
 # Messages kept in the recent log.
 RECENT = 10_000
@@ -40,6 +41,7 @@ class Recent:
     message: object
     recipients: tuple
     sender: str | None
+    _payload: dict | None = None
 
     @property
     def seq(self):
@@ -47,16 +49,23 @@ class Recent:
 
     def involves(self, client_id):
         """
-        Whether C{client_id} sent it, gets it, or is the C{store} its
-        payload names (a pickup names the store it is for).
+        Whether C{client_id} sent it or gets it; on an open broker (no
+        sender known), also whether its payload names C{client_id} as its
+        C{store} (a pickup names the store it is for).  With logins, a
+        payload cannot put a message on another client's page.
         """
         if client_id == self.sender or client_id in self.recipients:
             return True
-        return self.payload().get("store") == client_id
+        return self.sender is None and self.payload().get("store") == client_id
 
     def payload(self):
-        value = json.loads(self.message.payload)
-        return value if isinstance(value, dict) else {}
+        """
+        The payload, decoded once.
+        """
+        if self._payload is None:
+            value = json.loads(self.message.payload)
+            self._payload = value if isinstance(value, dict) else {}
+        return self._payload
 
     def as_json(self):
         message = self.message
@@ -79,6 +88,7 @@ class Monitor:
     """
 
     size: int = RECENT
+    log = Logger()
     totals: Totals = attrs.Factory(Totals)
     recent: deque = attrs.field(init=False)
     listeners: set = attrs.Factory(set)
@@ -91,7 +101,11 @@ class Monitor:
         entry = Recent(message, tuple(q.client_id for q in queues), sender)
         self.recent.append(entry)
         for listener in list(self.listeners):
-            listener(entry)
+            # An observer's failure is its own: the publish goes on.
+            try:
+                listener(entry)
+            except Exception:
+                self.log.failure("a listener of new messages failed")
 
     def since(self, after=0, client_id=None):
         """

@@ -74,6 +74,10 @@ class BrokerProtocol(LineReceiver, TimeoutMixin, Gate, Replies):
         self.peer = self.transport.getPeer()
         # The IP address, for the per-address limits; None for UNIX sockets
         self.address = getattr(self.peer, "host", None)
+        # The peer as observers see it: host:port, or a socket's path
+        self.remote = (
+            f"{self.address}:{self.peer.port}" if self.address else str(self.peer)
+        )
         self.callLater = self.broker.clock.callLater
         self._abort = None
         refusal = self.factory.admission.admit(self.address)

@@ -194,6 +194,16 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     def opt_auth(self, description):
         kind, _, path = description.partition(":")
+        if kind == "memory":
+            # strcred's memory: checker keeps str names and passwords, which
+            # never equal the bytes of a login's credentials.
+            super().opt_auth(description)
+            checker = self["credCheckers"][-1]
+            checker.users = {
+                name.encode("utf-8"): password.encode("utf-8")
+                for name, password in checker.users.items()
+            }
+            return None
         if kind != "file":
             return super().opt_auth(description)
         try:

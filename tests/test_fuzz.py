@@ -511,8 +511,11 @@ class AuthFuzzTests(_FuzzTestCase):
         codes = {
             f.get("id"): f["payload"].get("code") for f in got if f["event"] == "error"
         }
+        closed = scene.fuzzed.transport.disconnecting
         for request_id in aimed:
-            self.assertEqual(codes.get(request_id), "forbidden", request_id)
+            # Unanswered only if a noise line closed the connection first.
+            expected = {"forbidden", None} if closed else {"forbidden"}
+            self.assertIn(codes.get(request_id), expected, request_id)
 
 
 class FuzzFindingsTests(_FuzzTestCase):

@@ -624,13 +624,18 @@ class _BrokerModel(RuleBasedStateMachine):
             slot.subs[key] = Sub(prefetch, ack_timeout)
         else:
             if ack_timeout != sub.ack_timeout:
-                # What it holds gets no more time than the new timeout.
+                # What it holds gets no more time than the new timeout;
+                # what it got while it had none gets the new one.
                 latest = self.clock.seconds() + ack_timeout
                 for holding in slot.holdings.values():
-                    if holding.via == key and holding.deadline is not None:
-                        holding.deadline = (
-                            min(holding.deadline, latest) if ack_timeout else None
-                        )
+                    if holding.via != key:
+                        continue
+                    if not ack_timeout:
+                        holding.deadline = None
+                    elif holding.deadline is None:
+                        holding.deadline = latest
+                    else:
+                        holding.deadline = min(holding.deadline, latest)
             sub.prefetch, sub.ack_timeout = prefetch, ack_timeout
         result = self.broker.subscribe(
             slot.conn, *key, prefetch=prefetch, ack_timeout=ack_timeout

@@ -156,7 +156,7 @@ class ClientRowTests(SynchronousTestCase):
             broker.client_rows(),
             [
                 {
-                    "address": "10.0.0.7",
+                    "address": "10.0.0.7:4321",
                     "clientId": "acme",
                     "subscriptions": [{"clientId": "acme", "event": "d"}],
                     "inFlight": 1,

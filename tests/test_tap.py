@@ -201,6 +201,25 @@ class ServiceTests(SynchronousTestCase):
         self.assertIsNotNone(list(service)[1].factory.portal)
         self.assertEqual([e for e in events if e["log_level"] == LogLevel.warn], [])
 
+    def test_auth_memory(self):
+        """--auth memory: (strcred's, for tests) accepts the logins it lists."""
+        from twisted.cred.credentials import UsernamePassword
+        from twisted.cred.error import UnauthorizedLogin
+
+        options = tap.Options()
+        options.parseOptions(["--auth", "memory:acme:secret"])
+        [checker] = options["credCheckers"]
+        self.assertEqual(
+            self.successResultOf(
+                checker.requestAvatarId(UsernamePassword(b"acme", b"secret"))
+            ),
+            b"acme",
+        )
+        self.failureResultOf(
+            checker.requestAvatarId(UsernamePassword(b"acme", b"wrong")),
+            UnauthorizedLogin,
+        )
+
     def test_auth_and_acl(self):
         """--auth file: reads a password file of hashes, --acl a TOML file; bad ones are usage errors."""
         scratch = tempfile.TemporaryDirectory(prefix="caps-tap-")

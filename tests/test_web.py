@@ -306,7 +306,7 @@ class ApiTests(_WebCase):
     def test_clients(self):
         """GET /api/clients lists the connections with what they consume."""
         connection = RecordingConnection()
-        connection.address = "127.0.0.1:5000"
+        connection.remote = "127.0.0.1:5000"
         self.broker.connect(connection)
         self.broker.subscribe(connection, "acme", "delivered")
         self.assertEqual(
@@ -551,13 +551,13 @@ class AuthTests(_WebCase):
         """A retailer sees only its own connections and subscriptions; the operator sees every one."""
         mine, theirs = RecordingConnection("mine"), RecordingConnection("theirs")
         for connection, client_id in ((mine, "acme"), (theirs, "globex")):
-            connection.address = f"address of {client_id}"
+            connection.remote = f"address of {client_id}"
             connection.identity = self.portal.realm.acl.permissions(client_id)
             self.broker.connect(connection)
             self.broker.subscribe(connection, client_id, "delivered")
         # The operator's own dashboard, watching both stores.
         watcher = RecordingConnection("ops")
-        watcher.address = "address of ops"
+        watcher.remote = "address of ops"
         watcher.identity = self.portal.realm.acl.permissions("ops")
         self.broker.connect(watcher)
         self.broker.subscribe(watcher, "acme", "in-transit")
