@@ -141,6 +141,28 @@ class MonitorTests(SynchronousTestCase):
         self.broker.publish("pickup", {}, body(), ("driver",))
         self.assertEqual([r.recipients for r in heard], [("driver",)])
 
+    def test_failing_listener(self):
+        """A listener that fails is logged, and the publish still goes through."""
+
+        def broken(recent):
+            raise RuntimeError("observer bug")
+
+        self.broker.monitor.listeners.add(broken)
+        answer = self.broker.publish("pickup", {}, body(), ("driver",))
+        self.assertEqual(answer["queues"], 1)
+        self.assertEqual(len(self.broker.queue("driver", "pickup")), 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_store_field_needs_open_broker(self):
+        """A payload's store field puts a message on that store's page only when no sender is known (an open broker)."""
+        self.broker.publish("pickup", {}, body(store="acme"), ("driver",))
+        self.broker.publish(
+            "pickup", {}, body(store="acme"), ("driver",), sender="mallory"
+        )
+        involved = self.broker.monitor.since(0, "acme")
+        self.assertEqual([r.sender for r in involved], [None])
+        self.assertEqual(len(self.broker.monitor.since(0, "mallory")), 1)
+
 
 class ClientRowTests(SynchronousTestCase):
     def test_client_rows_and_sender(self):
