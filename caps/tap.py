@@ -429,21 +429,19 @@ def makeService(options, reactor=None):
     ListenService(reactor, options["listen"], factory).setServiceParent(top)
     if options["web"]:
         WebListenService(
-            reactor, options["web"], _web_site(broker, guard)
+            reactor, options["web"], _web_site(broker, guard, factory.admission)
         ).setServiceParent(top)
     return top
 
 
-def _web_site(broker, guard):
+def _web_site(broker, guard, admission):
     """
-    The web site (C{--web}), with C{/metrics} if L{caps.metrics} is there.
+    The web site (C{--web}), with C{/metrics}; its failed logins count
+    with the broker's.
     """
+    from caps.metrics import metrics_resource
     from caps.web import make_site
 
-    try:
-        from caps.metrics import metrics_resource
-    except ImportError:
-        metrics = None
-    else:
-        metrics = metrics_resource(broker)
-    return make_site(broker, portal=guard, metrics=metrics)
+    return make_site(
+        broker, portal=guard, metrics=metrics_resource(broker), admission=admission
+    )

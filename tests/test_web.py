@@ -31,6 +31,7 @@ from caps import tap
 from caps.acl import parse_acl
 from caps.auth import Realm, hash_password
 from caps.broker import Broker
+from caps.gate import LOGIN_DELAY_MAX
 from caps.web import make_site
 from caps.web.site import WebSite
 from tests.helpers import RecordingConnection
@@ -488,6 +489,8 @@ class AuthTests(_WebCase):
         for path in ("/", "/store/acme", "/static/app.js", "/api/queues", "/metrics"):
             for user in (None, "mallory"):
                 response = self.get(path, user=user)
+                # A failed login is answered late (below).
+                self.clock.advance(LOGIN_DELAY_MAX)
                 self.assertEqual((path, response.status), (path, 401))
                 self.assertEqual(
                     response.header("www-authenticate"), 'basic realm="CAPS"'
@@ -497,7 +500,34 @@ class AuthTests(_WebCase):
                 )
         wrong = base64.b64encode(b"acme:globex-pw").decode()
         response = self.get("/api/queues", headers=[f"Authorization: Basic {wrong}"])
+        self.clock.advance(LOGIN_DELAY_MAX)
         self.assertEqual(response.status, 401)
+
+    def test_failed_logins_slowed(self):
+        """Wrong passwords are answered after 1, 2, 4, ... s from one address, and logged with it, as the broker's logins are."""
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        wrong = base64.b64encode(b"acme:guess").decode()
+        waits = []
+        for _ in range(4):
+            response = self.get(
+                "/api/queues", headers=[f"Authorization: Basic {wrong}"]
+            )
+            waited = 0.0
+            while not response.transport.value():
+                self.clock.advance(0.5)
+                waited += 0.5
+            self.assertEqual(response.status, 401)
+            waits.append(waited)
+        self.assertEqual(waits, [1, 2, 4, 8])
+        failures = [e for e in events if "web login as" in e.get("log_format", "")]
+        self.assertEqual(
+            [(e["clientId"], e["address"]) for e in failures],
+            [("acme", "127.0.0.1")] * 4,
+        )
+        # The right password is not slowed.
+        self.assertEqual(self.get("/api/queues", user="acme").status, 200)
 
     def test_retailer_sees_its_store(self):
         """A retailer sees only its own queues, events and page, and the totals of its queues."""

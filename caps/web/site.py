@@ -9,6 +9,7 @@ import os
 
 from twisted.web import resource, server, static
 
+from caps.limits import Admission, Limits
 from caps.web.api import EVERYTHING, Api, ErrorResource, forbidden, not_found
 from caps.web.guard import guarded
 from caps.web.stream import Streams
@@ -215,7 +216,7 @@ class WebSite(server.Site):
         return super().getResourceFor(request)
 
 
-def make_site(broker, portal=None, metrics=None, static_dir=STATIC):
+def make_site(broker, portal=None, metrics=None, static_dir=STATIC, admission=None):
     """
     The broker's web site.
 
@@ -225,6 +226,9 @@ def make_site(broker, portal=None, metrics=None, static_dir=STATIC):
         what the logged-in client's permissions let it see.
     @param metrics: an C{IResource} served at C{/metrics}, or L{None}.
     @param static_dir: the directory of the pages and their files.
+    @param admission: the L{caps.limits.Admission} whose count of failed
+        logins per address slows web logins down as it does the broker's
+        (a fresh one if not given).
     """
     streams = Streams(broker)
 
@@ -234,7 +238,7 @@ def make_site(broker, portal=None, metrics=None, static_dir=STATIC):
     if portal is None:
         root = tree(EVERYTHING)
     else:
-        root = guarded(portal, tree)
+        root = guarded(portal, tree, admission or Admission(Limits()), broker.clock)
     site = WebSite(root, timeout=IDLE_TIMEOUT, reactor=broker.clock)
     site.open = portal is None
     site.streams = streams
