@@ -107,6 +107,14 @@ class Monitor:
             except Exception:
                 self.log.failure("a listener of new messages failed")
 
+    @property
+    def oldest(self):
+        """
+        The sequence number of the oldest message still in the recent log,
+        or L{None} if it is empty.
+        """
+        return self.recent[0].seq if self.recent else None
+
     def since(self, after=0, client_id=None):
         """
         The recent messages after sequence number C{after}, oldest first;

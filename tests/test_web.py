@@ -32,6 +32,7 @@ from caps.acl import parse_acl
 from caps.auth import Realm, hash_password
 from caps.broker import Broker
 from caps.gate import LOGIN_DELAY_MAX
+from caps.monitor import Monitor
 from caps.web import make_site
 from caps.web.site import WebSite
 from tests.helpers import RecordingConnection
@@ -348,8 +349,26 @@ class ApiTests(_WebCase):
         body = self.get("/api/events?clientId=acme&after=1").json()
         self.assertEqual([e["seq"] for e in body["events"]], [3])
         self.assertEqual(
-            self.get("/api/events?after=3").json(), {"events": [], "last": 3}
+            self.get("/api/events?after=3").json(),
+            {"events": [], "last": 3, "missed": False},
         )
+
+    def test_events_paged_and_missed(self):
+        """GET /api/events answers at most limit events, and says when messages after `after` have left the bounded log."""
+        self.broker.monitor = Monitor(size=3)
+        for n in range(5):
+            self.publish("acme", orderId=str(n))
+        body = self.get("/api/events?limit=2").json()
+        self.assertEqual(
+            ([e["seq"] for e in body["events"]], body["last"]), ([3, 4], 4)
+        )
+        # Seqs 1 and 2 are gone from the log of 3.
+        self.assertTrue(body["missed"])
+        body = self.get("/api/events?after=2").json()
+        self.assertEqual(
+            ([e["seq"] for e in body["events"]], body["missed"]), ([3, 4, 5], False)
+        )
+        self.assertEqual(self.get("/api/events?limit=1001").status, 400)
 
     def test_wrong_method_and_path(self):
         """A wrong method is a 405 with Allow, an unknown path a 404, both JSON."""

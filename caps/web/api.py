@@ -17,6 +17,8 @@ from caps.frames import ProtocolError
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+# Recent events in one answer, at most: page on with after=last.
+EVENTS_LIMIT = 1000
 
 _NUMBER = re.compile(rb"[0-9]{1,18}\Z")
 # "<", ">" and "&" occur in JSON text only inside strings, where their
@@ -324,8 +326,13 @@ class Api(resource.Resource):
         client_id = text_arg(request, "clientId")
         after = int_arg(request, "after", 0)
         check_sees(self.view, client_id)
-        entries = self.broker.monitor.since(after, client_id)
+        limit = int_arg(request, "limit", EVENTS_LIMIT, EVENTS_LIMIT)
+        monitor = self.broker.monitor
+        entries = monitor.since(after, client_id)[:limit]
+        oldest = monitor.oldest
         return {
             "events": [event_json(e, self.view) for e in entries],
             "last": entries[-1].seq if entries else after,
+            # Messages after `after` that fell out of the bounded log
+            "missed": oldest is not None and after < oldest - 1,
         }
