@@ -14,10 +14,15 @@ import signal
 import tempfile
 import time
 
-from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.checkers import (
+    ICredentialsChecker,
+    InMemoryUsernamePasswordDatabaseDontUse,
+)
+from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import Portal
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
@@ -26,6 +31,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource
 from twisted.web.guard import HTTPAuthSessionWrapper
+from zope.interface import implementer
 
 from caps import tap
 from caps.acl import parse_acl
@@ -161,7 +167,9 @@ class _WebCase(SynchronousTestCase):
         self.assertEqual(self.broker.monitor.listeners, set())
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def request(self, method, path, user=None, headers=(), host="127.0.0.1:8080"):
+    def request(
+        self, method, path, user=None, headers=(), host="127.0.0.1:8080", password=None
+    ):
         channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         transport = StringTransport(
             hostAddress=IPv4Address("TCP", "127.0.0.1", 8080),
@@ -170,7 +178,8 @@ class _WebCase(SynchronousTestCase):
         channel.makeConnection(transport)
         lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", *headers]
         if user is not None:
-            secret = base64.b64encode(f"{user}:".encode() + PASSWORDS.get(user, b"x"))
+            password = password or PASSWORDS.get(user, b"x")
+            secret = base64.b64encode(f"{user}:".encode() + password)
             lines.append(f"Authorization: Basic {secret.decode()}")
         if method == "POST":
             lines.append("Content-Length: 0")
@@ -369,6 +378,11 @@ class ApiTests(_WebCase):
             ([e["seq"] for e in body["events"]], body["missed"]), ([3, 4, 5], False)
         )
         self.assertEqual(self.get("/api/events?limit=1001").status, 400)
+        # tail: the newest few, for a page that shows only those.
+        body = self.get("/api/events?tail=2").json()
+        self.assertEqual(
+            ([e["seq"] for e in body["events"]], body["last"]), ([4, 5], 5)
+        )
 
     def test_wrong_method_and_path(self):
         """A wrong method is a 405 with Allow, an unknown path a 404, both JSON."""
@@ -759,6 +773,38 @@ class StreamTests(_WebCase):
         self.assertEqual(self.broker.monitor.listeners, set())
         self.assertTrue(response.transport.disconnecting)
 
+    def test_slow_reader_past_the_log(self):
+        """A reader paused while more was published than the recent log keeps is told to start over (reset), then sent what the log still has."""
+        self.broker.monitor = Monitor(size=5)
+        response = self.stream("?clientId=acme")
+        response.channel._channel.pauseProducing()
+        for n in range(10):
+            self.publish("acme", orderId=str(n))
+        response.channel._channel.resumeProducing()
+        kinds = [e.get("event") for e in response.events() if "event" in e]
+        self.assertEqual(
+            [k for k in kinds if k != "queues"], ["reset"] + ["message"] * 5
+        )
+        self.assertEqual([seq for seq, _ in response.messages()], [6, 7, 8, 9, 10])
+
+    def test_slow_reader_within_the_log(self):
+        """A reader paused for less than the log holds gets no reset, even if the messages were not its own."""
+        self.broker.monitor = Monitor(size=5)
+        response = self.stream("?clientId=acme")
+        response.channel._channel.pauseProducing()
+        for n in range(4):
+            self.publish("globex", orderId=str(n))
+        self.publish("acme", orderId="4")
+        response.channel._channel.resumeProducing()
+        self.assertNotIn(b"event: reset", response.body)
+        self.assertEqual([seq for seq, _ in response.messages()], [5])
+
+    def test_head_opens_no_stream(self):
+        """HEAD /api/stream is refused (405) instead of holding a stream open."""
+        response = self.request("HEAD", "/api/stream")
+        self.assertEqual(response.status, 405)
+        self.assertEqual(self.site.streams.open, set())
+
     def test_bad_last_event_id(self):
         """A Last-Event-ID that is not a number is a 400."""
         response = self.get("/api/stream", headers=["Last-Event-ID: x"])
@@ -775,6 +821,40 @@ class AuthStreamTests(_WebCase):
         checker = InMemoryUsernamePasswordDatabaseDontUse(**PASSWORDS)
         self.portal = Portal(Realm(parse_acl(ACL)), [checker])
         super().setUp()
+
+    def test_client_gone_during_login(self):
+        """A client that leaves while its password is checked leaves no stream, listener or logged error behind."""
+        checks = []
+
+        @implementer(ICredentialsChecker)
+        class Slow:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def requestAvatarId(self, credentials):
+                checks.append(Deferred())
+                return checks[-1].addCallback(lambda _: credentials.username)
+
+        self.site = make_site(
+            self.broker,
+            portal=Portal(Realm(parse_acl(ACL)), [Slow()]),
+            static_dir=self.static,
+        )
+        for user, path in (
+            ("acme", "/api/stream?clientId=acme"),
+            ("acme", "/api/queues"),
+        ):
+            response = self.get(path, user=user)
+            response.close()
+            checks[-1].callback(None)
+            self.assertEqual(self.site.streams.open, set())
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_late_401_to_a_client_gone(self):
+        """A failed login answered after its delay to a client that already left logs no error."""
+        response = self.get("/api/queues", user="acme", password=b"wrong")
+        response.close()
+        self.clock.advance(LOGIN_DELAY_MAX)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_retailer_stream(self):
         """A retailer's stream carries its messages only, and snapshots of its queues only."""

@@ -210,7 +210,8 @@ class Api(resource.Resource):
         try:
             handler, methods, args = self._route(request.postpath)
             method = request.method.decode("ascii", "replace")
-            if method == "HEAD" and "GET" in methods:
+            if method == "HEAD" and "GET" in methods and handler != self.stream:
+                # (A stream never ends: HEAD would hold it open.)
                 method = "GET"
             if method not in methods:
                 request.setHeader(b"allow", ", ".join(methods).encode("ascii"))
@@ -327,8 +328,10 @@ class Api(resource.Resource):
         after = int_arg(request, "after", 0)
         check_sees(self.view, client_id)
         limit = int_arg(request, "limit", EVENTS_LIMIT, EVENTS_LIMIT)
+        tail = int_arg(request, "tail", None, EVENTS_LIMIT)
         monitor = self.broker.monitor
-        entries = monitor.since(after, client_id)[:limit]
+        entries = monitor.since(after, client_id)
+        entries = entries[-tail:] if tail else entries[:limit]
         oldest = monitor.oldest
         return {
             "events": [event_json(e, self.view) for e in entries],

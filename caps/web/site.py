@@ -183,6 +183,22 @@ def _cross_site(request):
     return origin.partition(b"://")[2] != (request.getHeader(b"host") or b"")
 
 
+class _Request(server.Request):
+    """
+    A request that can be finished after its client left: an answer that
+    came late (a failed login's, or one that waited for a password check)
+    is then dropped instead of raising.
+    """
+
+    def write(self, data):
+        if self.channel is not None:
+            super().write(data)
+
+    def finish(self):
+        if self.channel is not None:
+            super().finish()
+
+
 class WebSite(server.Site):
     """
     A L{server.Site} that adds the security headers to every response and
@@ -198,6 +214,7 @@ class WebSite(server.Site):
     displayTracebacks = False
     noisy = False
     open = True
+    requestFactory = _Request
 
     def getResourceFor(self, request):
         for name, value in SECURITY_HEADERS:

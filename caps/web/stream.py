@@ -54,9 +54,16 @@ class Streams:
         after = number(request.getHeader(b"last-event-id"), "Last-Event-ID", after)
         if len(self.open) >= self.limit:
             raise WebError(503, "too-many-streams", "too many streams open; later")
+        if request.channel is None:
+            # It left while its password was being checked.
+            return server.NOT_DONE_YET
         stream = EventStream(self, request, view, client_id, after)
+        try:
+            stream.start()
+        except BaseException:
+            stream._stop()
+            raise
         self.open.add(stream)
-        stream.start()
         return server.NOT_DONE_YET
 
 
@@ -78,6 +85,8 @@ class EventStream:
     # Messages were published while paused: catch up from the recent log.
     behind: bool = False
     done: bool = False
+    # The newest seq looked at (sent, or not for this stream); -1: none yet
+    scanned: int = -1
     _snapshots: task.LoopingCall = attrs.field(init=False)
     _keepalive: task.LoopingCall = attrs.field(init=False)
 
@@ -117,13 +126,21 @@ class EventStream:
     def _catch_up(self):
         """
         Send the recent messages after the last one sent, until paused.
+        If messages it had not looked at yet have left the bounded log
+        meanwhile (it was paused too long), first tell the page to start
+        over (C{event: reset}): some of them may have been for it.
         """
         self.behind = False
-        for entry in self.broker.monitor.since(self.last, self.client_id):
+        monitor = self.broker.monitor
+        oldest = monitor.oldest
+        if self.scanned >= 0 and oldest is not None and self.scanned < oldest - 1:
+            self._write(b"event: reset\ndata: {}\n\n")
+        for entry in monitor.since(self.last, self.client_id):
             if self.paused or self.done:
                 self.behind = True
                 return
             self._send(entry)
+        self.scanned = monitor.recent[-1].seq if monitor.recent else self.last
 
     def _published(self, entry):
         """
@@ -132,10 +149,12 @@ class EventStream:
         try:
             if self.paused or self.behind:
                 self.behind = True
-            elif entry.seq > self.last and (
+                return
+            if entry.seq > self.last and (
                 self.client_id is None or entry.involves(self.client_id)
             ):
                 self._send(entry)
+            self.scanned = entry.seq
         except Exception:
             # Never into the broker's publish.
             self.log.failure("stream of {client} failed", client=self.client_id)

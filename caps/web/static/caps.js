@@ -100,6 +100,9 @@ const CAPS = (() => {
   // for the last message it saw: still there, same messageId, it is the
   // same broker, and the stream goes on after it; otherwise it is a new
   // broker: onReset(), then step 1 again.
+  // Events per /api/events answer (the broker's limit).
+  const EVENTS_PAGE = 1000;
+
   class Feed {
     constructor({clientId = null, backlog = null, onMessage, onQueues, onReset, onState}) {
       this.clientId = clientId;
@@ -158,13 +161,23 @@ const CAPS = (() => {
           // Nothing told yet, so nothing to recognise the broker by: start over.
           this.forget();
         }
-        if (this.cursor === 0) {
-          const recent = await getJSON("/api/events?" + this.query({after: 0}));
+        if (this.cursor === 0 && this.backlog !== null) {
+          // Only the newest few are shown: ask for just those.
+          const recent = await getJSON("/api/events?" + this.query({after: 0, tail: this.backlog}));
           if (generation !== this.generation) return;
-          let events = recent.events;
-          if (this.backlog !== null) events = events.slice(-this.backlog);
-          this.take(events, true);
+          this.take(recent.events, true);
           if (typeof recent.last === "number") this.cursor = Math.max(this.cursor, recent.last);
+        } else if (this.cursor === 0) {
+          // All of the recent log that involves this client, a page at a time.
+          let after = 0;
+          for (;;) {
+            const page = await getJSON("/api/events?" + this.query({after, limit: EVENTS_PAGE}));
+            if (generation !== this.generation) return;
+            this.take(page.events, true);
+            if (typeof page.last === "number") after = Math.max(after, page.last);
+            if (page.events.length < EVENTS_PAGE) break;
+          }
+          this.cursor = Math.max(this.cursor, after);
         }
       } catch (error) {
         if (generation !== this.generation) return;
@@ -191,6 +204,13 @@ const CAPS = (() => {
           return;
         }
         this.take([message], false);
+      });
+      // The stream fell so far behind that messages left the broker's
+      // log before it could send them: start the view over from the log.
+      source.addEventListener("reset", () => {
+        if (generation !== this.generation) return;
+        this.forget();
+        this.onReset();
       });
       source.addEventListener("queues", (event) => {
         if (generation !== this.generation) return;
