@@ -102,6 +102,8 @@ class Broker(Delivery, Paging):
     _events: EventLog = attrs.field(init=False)
     # Queues whose failed read of their tail is to be tried again
     _retries: dict = attrs.Factory(dict)
+    # clientId -> its queues (a dict used as a set), for observers
+    _by_client: dict = attrs.Factory(dict)
 
     def __attrs_post_init__(self):
         """
@@ -115,6 +117,8 @@ class Broker(Delivery, Paging):
         self._events = EventLog(self.clock, self.log)
         self._state = self.store.load()
         queues = list(self._state.queues.values())
+        for queue in queues:
+            self._by_client.setdefault(queue.client_id, {})[queue] = None
         for queue in queues:
             queue.recover()
             if queue.subscribed:
@@ -161,12 +165,19 @@ class Broker(Delivery, Paging):
 
     # What observers see
 
-    def queue_rows(self, visible=None):
+    def queue_rows(self, visible=None, client_id=None):
         """
-        Every queue (or those for which C{visible(clientId)} is true) as
-        the operator's page shows it, ordered by (clientId, event).
+        Every queue (or those for which C{visible(clientId)} is true, or
+        those of C{client_id} only) as the operator's page shows it,
+        ordered by (clientId, event).
         """
         now = self.clock.seconds()
+        if client_id is not None:
+            mine = self._by_client.get(client_id, ())
+            return [
+                queue_row(self, queue, now)
+                for queue in sorted(mine, key=lambda q: q.event)
+            ]
         return [
             queue_row(self, queue, now)
             for key, queue in sorted(self._queues.items())
@@ -255,6 +266,7 @@ class Broker(Delivery, Paging):
             queue = Queue(client_id, event, state.next_qid)
             state.next_qid += 1
             self._queues[client_id, event] = queue
+            self._by_client.setdefault(client_id, {})[queue] = None
             self.store.queue_saved(queue)
         return queue
 
@@ -407,6 +419,10 @@ class Broker(Delivery, Paging):
 
     def _delete(self, queue):
         del self._queues[queue.key]
+        mine = self._by_client[queue.client_id]
+        del mine[queue]
+        if not mine:
+            del self._by_client[queue.client_id]
         self._index.remove(queue)
         self._expiring.pop(queue, None)
         self.store.queue_dropped(queue)

@@ -84,7 +84,9 @@ class Recent:
 class Monitor:
     """
     The totals, and the recent log with the callables told of each new
-    message in it (live pages).
+    message in it (live pages): C{listeners} of every message, and
+    C{watchers} of the messages involving one clientId (see L{watch}), so
+    that a publish costs nothing for the pages of other clients.
     """
 
     size: int = RECENT
@@ -92,15 +94,38 @@ class Monitor:
     totals: Totals = attrs.Factory(Totals)
     recent: deque = attrs.field(init=False)
     listeners: set = attrs.Factory(set)
+    watchers: dict = attrs.Factory(dict)
 
     def __attrs_post_init__(self):
         self.recent = deque(maxlen=self.size)
+
+    def watch(self, client_id, listener):
+        """
+        Call C{listener} with each new message that involves C{client_id}
+        (as L{Recent.involves} says), until L{unwatch}ed.
+        """
+        self.watchers.setdefault(client_id, set()).add(listener)
+
+    def unwatch(self, client_id, listener):
+        listeners = self.watchers.get(client_id)
+        if listeners is not None:
+            listeners.discard(listener)
+            if not listeners:
+                del self.watchers[client_id]
 
     def published(self, message, queues, sender=None):
         self.totals.published += 1
         entry = Recent(message, tuple(q.client_id for q in queues), sender)
         self.recent.append(entry)
-        for listener in list(self.listeners):
+        told = list(self.listeners)
+        watchers = self.watchers
+        if watchers:
+            involved = {*entry.recipients, sender}
+            if sender is None and b'"store"' in message.payload:
+                involved.add(entry.payload().get("store"))
+            for client_id in involved:
+                told.extend(watchers.get(client_id, ()))
+        for listener in told:
             # An observer's failure is its own: the publish goes on.
             try:
                 listener(entry)

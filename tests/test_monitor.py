@@ -141,6 +141,36 @@ class MonitorTests(SynchronousTestCase):
         self.broker.publish("pickup", {}, body(), ("driver",))
         self.assertEqual([r.recipients for r in heard], [("driver",)])
 
+    def test_watchers(self):
+        """A watcher of a clientId hears only the messages involving it: sent, received, or naming it as store on an open broker."""
+        heard = {"acme": [], "flowers": []}
+        for client_id, told in heard.items():
+            self.broker.monitor.watch(client_id, told.append)
+        self.broker.publish("delivered", {}, body(), ("acme",))
+        self.broker.publish("pickup", {}, body(store="flowers"), ("driver",))
+        self.broker.publish("pickup", {}, body(), ("driver",), sender="acme")
+        self.broker.publish("pickup", {}, body(), ("driver",))
+        self.assertEqual([r.seq for r in heard["acme"]], [1, 3])
+        self.assertEqual([r.seq for r in heard["flowers"]], [2])
+        self.broker.monitor.unwatch("acme", heard["acme"].append)
+        self.broker.monitor.unwatch("flowers", heard["flowers"].append)
+        self.assertEqual(self.broker.monitor.watchers, {})
+
+    def test_rows_of_one_client(self):
+        """Queue rows of one clientId come from its own index, and follow deletions."""
+        a = RecordingConnection("a")
+        self.broker.connect(a)
+        for client_id, event in (("acme", "b"), ("acme", "a"), ("flowers", "a")):
+            self.broker.publish(event, {}, body(), (client_id,))
+        rows = self.broker.queue_rows(client_id="acme")
+        self.assertEqual([r["event"] for r in rows], ["a", "b"])
+        self.broker.subscribe(a, "acme", "a")
+        self.broker.unsubscribe(a, "acme", "a", delete=True)
+        self.assertEqual(
+            [r["event"] for r in self.broker.queue_rows(client_id="acme")], ["b"]
+        )
+        self.assertEqual(self.broker.queue_rows(client_id="nobody"), [])
+
     def test_failing_listener(self):
         """A listener that fails is logged, and the publish still goes through."""
 

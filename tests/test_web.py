@@ -165,6 +165,7 @@ class _WebCase(SynchronousTestCase):
         for response in self.open:
             response.close()
         self.assertEqual(self.broker.monitor.listeners, set())
+        self.assertEqual(self.broker.monitor.watchers, {})
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def request(
@@ -710,9 +711,13 @@ class StreamTests(_WebCase):
     def test_disconnect_removes_listener(self):
         """When the connection drops, the listener and the timers go; later messages are not written."""
         response = self.stream("?clientId=acme")
+        self.assertEqual(list(self.broker.monitor.watchers), ["acme"])
+        operator = self.stream()
         self.assertEqual(len(self.broker.monitor.listeners), 1)
+        operator.close()
         response.close()
         self.assertEqual(self.broker.monitor.listeners, set())
+        self.assertEqual(self.broker.monitor.watchers, {})
         self.assertEqual(self.site.streams.open, set())
         self.assertEqual(self.clock.getDelayedCalls(), [])
         written = response.transport.value()

@@ -156,7 +156,7 @@ def queues_body(broker, view, client_id=None):
     broker counts them per queue (L{None} where it does not).
     """
     if client_id is not None:
-        rows = broker.queue_rows(lambda c: c == client_id and view.sees(c))
+        rows = broker.queue_rows(client_id=client_id) if view.sees(client_id) else []
     else:
         rows = broker.queue_rows(None if view.sees_all else view.sees)
     if view.sees_all:

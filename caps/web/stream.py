@@ -109,7 +109,11 @@ class EventStream:
         request.registerProducer(self, True)
         request.notifyFinish().addBoth(self._finished)
         request.write(b"retry: %d\n\n" % RETRY_MS)
-        self.broker.monitor.listeners.add(self._published)
+        monitor = self.broker.monitor
+        if self.client_id is None:
+            monitor.listeners.add(self._published)
+        else:
+            monitor.watch(self.client_id, self._published)
         self._catch_up()
         self._snapshots.start(SNAPSHOT, now=True).addErrback(self._failed)
         self._keepalive.start(KEEPALIVE, now=False).addErrback(self._failed)
@@ -210,7 +214,11 @@ class EventStream:
             return
         self.done = True
         self.streams.open.discard(self)
-        self.broker.monitor.listeners.discard(self._published)
+        monitor = self.broker.monitor
+        if self.client_id is None:
+            monitor.listeners.discard(self._published)
+        else:
+            monitor.unwatch(self.client_id, self._published)
         for call in (self._snapshots, self._keepalive):
             if call.running:
                 call.stop()
