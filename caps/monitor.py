@@ -11,8 +11,9 @@ from collections import deque
 import attrs
 from twisted.logger import Logger
 
-# Messages kept in the recent log.
+# Messages kept in the recent log, and bytes of their payloads, at most.
 RECENT = 10_000
+RECENT_BYTES = 32 * 1024 * 1024
 
 
 @attrs.define
@@ -90,11 +91,14 @@ class Monitor:
     """
 
     size: int = RECENT
+    max_bytes: int = RECENT_BYTES
     log = Logger()
     totals: Totals = attrs.Factory(Totals)
     recent: deque = attrs.field(init=False)
     listeners: set = attrs.Factory(set)
     watchers: dict = attrs.Factory(dict)
+    # Bytes of the payloads in the recent log
+    _bytes: int = 0
 
     def __attrs_post_init__(self):
         self.recent = deque(maxlen=self.size)
@@ -116,7 +120,13 @@ class Monitor:
     def published(self, message, queues, sender=None):
         self.totals.published += 1
         entry = Recent(message, tuple(q.client_id for q in queues), sender)
-        self.recent.append(entry)
+        recent = self.recent
+        if len(recent) == self.size:
+            self._bytes -= len(recent[0].message.payload)
+        recent.append(entry)
+        self._bytes += len(message.payload)
+        while self._bytes > self.max_bytes and len(recent) > 1:
+            self._bytes -= len(recent.popleft().message.payload)
         told = list(self.listeners)
         watchers = self.watchers
         if watchers:

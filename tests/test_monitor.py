@@ -134,6 +134,16 @@ class MonitorTests(SynchronousTestCase):
             },
         )
 
+    def test_recent_bytes(self):
+        """The recent log also drops its oldest messages to keep their payloads under max_bytes."""
+        broker = Broker(self.clock, monitor=Monitor(size=100, max_bytes=100))
+        for _ in range(10):
+            broker.publish("e", {}, b"x" * 30, ("q",))
+        self.assertEqual([r.seq for r in broker.monitor.since()], [8, 9, 10])
+        broker.publish("e", {}, b"x" * 500, ("q",))
+        # One message alone is kept, however large.
+        self.assertEqual([r.seq for r in broker.monitor.since()], [11])
+
     def test_listeners(self):
         """Listeners hear of each new message as it is published."""
         heard = []

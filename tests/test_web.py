@@ -637,7 +637,7 @@ class AuthTests(_WebCase):
                     "address of acme",
                     [{"clientId": "acme", "event": "delivered"}],
                 ),
-                ("ops", None, [{"clientId": "acme", "event": "in-transit"}]),
+                (None, None, [{"clientId": "acme", "event": "in-transit"}]),
             ],
         )
         rows = self.get("/api/clients", user="ops").json()["clients"]

@@ -311,16 +311,17 @@ class Api(resource.Resource):
         view = self.view
         if view.sees_all:
             return {"clients": self.broker.client_rows()}
-        # (A connection not logged in yet has no clientId.)
-        sees = lambda c: c is not None and view.sees(c)  # noqa: E731
+        sees = view.sees
         rows = self.broker.client_rows(sees)
         for row in rows:
             row["subscriptions"] = [
                 s for s in row["subscriptions"] if sees(s["clientId"])
             ]
             if not sees(row["clientId"]):
-                # Another client's connection, consuming a queue it sees.
-                row["address"] = None
+                # Another client's connection, consuming a queue it sees:
+                # who it is, where from and what else it holds are not
+                # this observer's business.
+                row["address"] = row["clientId"] = row["inFlight"] = None
         return {"clients": rows}
 
     def events(self, request):
