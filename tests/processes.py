@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 
 from caps.demo import LISTENING, broker_command
 
@@ -30,6 +31,9 @@ class RunningBroker:
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
         self.log = []
+        # Notified at each line of the log, and when it ends
+        self._grew = threading.Condition()
+        self._ended = False
         self.address = None
         self._listening = threading.Event()
         self._reader = threading.Thread(target=self._drain, daemon=True)
@@ -42,16 +46,40 @@ class RunningBroker:
     def _drain(self):
         for raw in self.process.stdout:
             line = raw.decode("utf-8", "replace")
-            self.log.append(line)
+            with self._grew:
+                self.log.append(line)
+                self._grew.notify_all()
             match = LISTENING.search(line)
             if match and self.address is None:
                 host, port = match.group(1).rsplit(":", 1)
                 self.address = (host, int(port))
                 self._listening.set()
+        with self._grew:
+            self._ended = True
+            self._grew.notify_all()
         self._listening.set()
 
     def text(self):
         return "".join(self.log)
+
+    def wait_for(self, pattern, timeout=START_TIMEOUT):
+        """
+        Wait until the log matches C{pattern} (a compiled regular
+        expression), and return the match.
+
+        @raise AssertionError: with the log, if it does not match within
+            C{timeout} seconds or the broker's output ends first.
+        """
+        deadline = time.monotonic() + timeout
+        with self._grew:
+            while not (match := pattern.search(self.text())):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._ended:
+                    raise AssertionError(
+                        f"no {pattern.pattern!r} in the broker's log:\n{self.text()}"
+                    )
+                self._grew.wait(left)
+        return match
 
     def connect(self):
         sock = socket.create_connection(self.address, timeout=10)

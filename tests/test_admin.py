@@ -12,7 +12,6 @@ import re
 import socket
 import tempfile
 import threading
-import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from unittest import SkipTest
@@ -22,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from caps import admin
 
-from .processes import START_TIMEOUT, RunningBroker, read, send
+from .processes import RunningBroker, read, send
 
 QUEUES = {
     "time": 1700000100.0,
@@ -509,15 +508,7 @@ def web_broker(test, store, *args):
         raise SkipTest("caps-broker has no --web option yet")
     broker = RunningBroker(store, "--web", "tcp:0:interface=127.0.0.1", *args)
     test.addCleanup(broker.stop)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        found = WEB_LISTENING.search(broker.text())
-        if found:
-            return broker, "http://" + found.group(1)
-        if broker.process.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise AssertionError("the web site did not start:\n" + broker.text())
+    return broker, "http://" + broker.wait_for(WEB_LISTENING).group(1)
 
 
 def until(reader, event):

@@ -377,10 +377,11 @@ def produce(client, vendor, go):
     return confirmed, latencies, other
 
 
-def consume(client, delivered, stop):
+def consume(client, delivered, arrived, stop):
     """
     Acknowledge every message delivered (recording its messageId and
-    whether it was a redelivery in C{delivered}) until C{stop} is set and
+    whether it was a redelivery in C{delivered}, and notifying the
+    condition C{arrived}) until C{stop} is set and
     every acknowledgement is confirmed; return the confirmed
     acknowledgements and any other frames.
     """
@@ -396,7 +397,9 @@ def consume(client, delivered, stop):
             for frame in client.receive():
                 if frame["event"] == "pickup":
                     message_id = frame["messageId"]
-                    delivered.append((message_id, frame["redelivered"]))
+                    with arrived:
+                        delivered.append((message_id, frame["redelivered"]))
+                        arrived.notify_all()
                     acks_sent += 1
                     client.send(
                         {
@@ -520,10 +523,13 @@ def run_load(address, clients, figures):
         client = Client(address)
         clients.append(client)
         vendors.append(client)
-    go = threading.Event()
+    # The slowloris and flood groups and the vendors, each once connected,
+    # and this thread: all start together.
+    go = threading.Barrier(2 + PRODUCERS + 1, timeout=TIMEOUT)
     vendors_done = threading.Event()
     stop = threading.Event()
     delivered = [[] for _ in drivers]
+    arrived = threading.Condition()
     slow = Worker("slowloris", slowloris, address, clients, go, vendors_done)
     flooders = Worker("flood", flood, address, clients, go)
     producers = [
@@ -531,14 +537,16 @@ def run_load(address, clients, figures):
         for i, client in enumerate(vendors)
     ]
     consumers = [
-        Worker(f"driver-{i}", consume, client, delivered[i], stop)
+        Worker(f"driver-{i}", consume, client, delivered[i], arrived, stop)
         for i, client in enumerate(drivers)
     ]
     for worker in [slow, flooders, *producers, *consumers]:
         worker.start()
-    # Every group is connected before any of them starts.
-    time.sleep(1.0)
-    go.set()
+    try:
+        go.wait()
+    except threading.BrokenBarrierError:
+        # A group failed before it was ready: its error is reported below.
+        pass
     began = time.monotonic()
     for worker in [flooders, *producers]:
         worker.join(MESSAGES / PACE + 2 * TIMEOUT)
@@ -548,12 +556,10 @@ def run_load(address, clients, figures):
         if worker.result is not None:
             confirmed.update(worker.result[0])
     # The drivers have until then to get (and acknowledge) the rest.
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        got = {message_id for each in delivered for message_id, _ in each}
-        if got >= confirmed:
-            break
-        time.sleep(0.05)
+    with arrived:
+        arrived.wait_for(
+            lambda: {m for each in delivered for m, _ in each} >= confirmed, TIMEOUT
+        )
     stop.set()
     for worker in [slow, *consumers]:
         worker.join(2 * TIMEOUT)

@@ -10,10 +10,10 @@ runs under both trial and pytest.
 """
 
 import os
+import re
 import socket
 import ssl
 import tempfile
-import time
 
 import pytest
 import pytest_twisted
@@ -319,12 +319,8 @@ class TwistdTLSTests(SynchronousTestCase):
         """One broker listens on TLS and plain TCP at once, and a message published over TCP reaches a subscriber on TLS."""
         broker = self.start("--listen", "tcp:0:interface=127.0.0.1")
         # The second listener logs its address right after the first.
-        addresses = []
-        for _ in range(100):
-            addresses = LISTENING.findall(broker.text())
-            if len(addresses) == 2:
-                break
-            time.sleep(0.05)
+        broker.wait_for(re.compile(f"{LISTENING.pattern}(.|\n)*{LISTENING.pattern}"))
+        addresses = LISTENING.findall(broker.text())
         self.assertEqual(len(addresses), 2, broker.text())
         host, port = addresses[1].rsplit(":", 1)
         tls, tls_in = self.tls_connect(broker.address)

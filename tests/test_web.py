@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import tempfile
-import time
 
 from twisted.cred.checkers import (
     ICredentialsChecker,
@@ -962,11 +961,7 @@ class TwistdWebTests(SynchronousTestCase):
             "tcp:0:interface=127.0.0.1",
         )
         self.addCleanup(broker.stop)
-        deadline = time.monotonic() + 10
-        while not (match := WEB_LISTENING.search(broker.text())):
-            self.assertLess(time.monotonic(), deadline, broker.text())
-            time.sleep(0.05)
-        host, port = match.group(1).rsplit(":", 1)
+        host, port = broker.wait_for(WEB_LISTENING).group(1).rsplit(":", 1)
 
         def get(path, password=None, timeout=10):
             connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
