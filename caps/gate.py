@@ -20,6 +20,14 @@ LOGIN_DELAY_MAX = 30.0
 MAX_LOGIN_FAILURES = 3
 
 
+def login_delay(count):
+    """
+    Seconds before answering the C{count}th failed login from one address
+    lately.
+    """
+    return min(LOGIN_DELAY * 2 ** (count - 1), LOGIN_DELAY_MAX)
+
+
 class Unauthenticated(frames.ProtocolError):
     code = "unauthenticated"
 
@@ -290,7 +298,7 @@ class Gate:
         self._login_failures += 1
         clock = self.broker.clock
         count = self.factory.admission.login_failed(self.address, clock.seconds())
-        delay = min(LOGIN_DELAY * 2 ** (count - 1), LOGIN_DELAY_MAX)
+        delay = login_delay(count)
         closes = self._login_failures >= MAX_LOGIN_FAILURES
         self.log.warn(
             "{peer} failed to log in as {clientId} ({count} failure(s) from "

@@ -127,8 +127,10 @@ class Monitor:
         self._bytes += len(message.payload)
         while self._bytes > self.max_bytes and len(recent) > 1:
             self._bytes -= len(recent.popleft().message.payload)
-        told = list(self.listeners)
         watchers = self.watchers
+        if not (self.listeners or watchers):
+            return
+        told = list(self.listeners)
         if watchers:
             involved = {*entry.recipients, sender}
             if sender is None and b'"store"' in message.payload:

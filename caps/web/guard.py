@@ -14,7 +14,7 @@ from twisted.web.resource import IResource
 from zope.interface import implementer
 
 from caps.auth import IClient
-from caps.gate import LOGIN_DELAY, LOGIN_DELAY_MAX
+from caps.gate import login_delay
 
 REALM = b"CAPS"
 
@@ -76,7 +76,7 @@ class _Slowed:
         failure.trap(UnauthorizedLogin)
         address = getattr(credentials, "address", None)
         count = self.admission.login_failed(address, self.clock.seconds())
-        delay = min(LOGIN_DELAY * 2 ** (count - 1), LOGIN_DELAY_MAX)
+        delay = login_delay(count)
         self.log.warn(
             "web login as {clientId} from {address} failed ({count} failure(s) "
             "from there lately); answering in {delay} s",
