@@ -193,13 +193,12 @@ def metrics_registry(broker, call=_direct):
     return registry
 
 
-def metrics_resource(broker):
+def metrics_resource(broker, reactor):
     """
     The C{/metrics} resource: prometheus_client's Twisted resource over
-    the broker's own registry, reading the broker on the reactor thread.
+    the broker's own registry, reading the broker on C{reactor}'s thread.
     """
     from prometheus_client.twisted import MetricsResource
-    from twisted.internet import reactor
     from twisted.internet.threads import blockingCallFromThread
 
     def on_reactor(f):

@@ -429,12 +429,14 @@ def makeService(options, reactor=None):
     ListenService(reactor, options["listen"], factory).setServiceParent(top)
     if options["web"]:
         WebListenService(
-            reactor, options["web"], _web_site(broker, guard, factory.admission)
+            reactor,
+            options["web"],
+            _web_site(reactor, broker, guard, factory.admission),
         ).setServiceParent(top)
     return top
 
 
-def _web_site(broker, guard, admission):
+def _web_site(reactor, broker, guard, admission):
     """
     The web site (C{--web}), with C{/metrics}; its failed logins count
     with the broker's.
@@ -443,5 +445,8 @@ def _web_site(broker, guard, admission):
     from caps.web import make_site
 
     return make_site(
-        broker, portal=guard, metrics=metrics_resource(broker), admission=admission
+        broker,
+        portal=guard,
+        metrics=metrics_resource(broker, reactor),
+        admission=admission,
     )
