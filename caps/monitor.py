@@ -57,7 +57,11 @@ class Recent:
         """
         if client_id == self.sender or client_id in self.recipients:
             return True
-        return self.sender is None and self.payload().get("store") == client_id
+        return (
+            self.sender is None
+            and b'"store"' in self.message.payload
+            and self.payload().get("store") == client_id
+        )
 
     def payload(self):
         """
@@ -118,22 +122,31 @@ class Monitor:
                 del self.watchers[client_id]
 
     def published(self, message, queues, sender=None):
+        """
+        C{message} was published into C{queues} (a list the caller does not
+        change afterwards) by C{sender}.  The log keeps the three as they
+        are, a tuple each: this runs for every publish, and a L{Recent} is
+        made only when someone reads the log or listens.
+        """
         self.totals.published += 1
-        entry = Recent(message, tuple(q.client_id for q in queues), sender)
         recent = self.recent
         if len(recent) == self.size:
-            self._bytes -= len(recent[0].message.payload)
-        recent.append(entry)
+            self._bytes -= len(recent[0][0].payload)
+        recent.append((message, queues, sender))
         self._bytes += len(message.payload)
-        while self._bytes > self.max_bytes and len(recent) > 1:
-            self._bytes -= len(recent.popleft().message.payload)
-        watchers = self.watchers
-        if not (self.listeners or watchers):
-            return
+        if self._bytes > self.max_bytes:
+            while self._bytes > self.max_bytes and len(recent) > 1:
+                self._bytes -= len(recent.popleft()[0].payload)
+        if self.listeners or self.watchers:
+            self._tell(_recent((message, queues, sender)))
+
+    def _tell(self, entry):
         told = list(self.listeners)
+        watchers = self.watchers
         if watchers:
+            sender = entry.sender
             involved = {*entry.recipients, sender}
-            if sender is None and b'"store"' in message.payload:
+            if sender is None and b'"store"' in entry.message.payload:
                 involved.add(entry.payload().get("store"))
             for client_id in involved:
                 told.extend(watchers.get(client_id, ()))
@@ -145,22 +158,35 @@ class Monitor:
                 self.log.failure("a listener of new messages failed")
 
     @property
+    def last(self):
+        """
+        The sequence number of the newest message in the recent log, or
+        L{None} if it is empty.
+        """
+        return self.recent[-1][0].seq if self.recent else None
+
+    @property
     def oldest(self):
         """
         The sequence number of the oldest message still in the recent log,
         or L{None} if it is empty.
         """
-        return self.recent[0].seq if self.recent else None
+        return self.recent[0][0].seq if self.recent else None
 
     def since(self, after=0, client_id=None):
         """
         The recent messages after sequence number C{after}, oldest first;
         only those that involve C{client_id}, if given.
         """
-        found = [r for r in self.recent if r.seq > after]
+        found = [_recent(r) for r in self.recent if r[0].seq > after]
         if client_id is not None:
             found = [r for r in found if r.involves(client_id)]
         return found
+
+
+def _recent(logged):
+    message, queues, sender = logged
+    return Recent(message, tuple(queue.client_id for queue in queues), sender)
 
 
 def queue_row(broker, queue, now):

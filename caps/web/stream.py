@@ -144,7 +144,8 @@ class EventStream:
                 self.behind = True
                 return
             self._send(entry)
-        self.scanned = monitor.recent[-1].seq if monitor.recent else self.last
+        newest = monitor.last
+        self.scanned = newest if newest is not None else self.last
 
     def _published(self, entry):
         """
