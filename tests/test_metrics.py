@@ -17,7 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from caps.broker import Broker
 from caps.frames import encode_json
 from caps.metrics import BrokerCollector, metrics_registry, snapshot
-from caps.store.sqlite import RETRY_DELAY, SQLiteStore
+from caps.store.group import RETRY_DELAY
+from caps.store.sqlite import SQLiteStore
 
 from .helpers import RecordingConnection
 from .processes import read, send

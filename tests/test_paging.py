@@ -468,7 +468,7 @@ class RaceTests(_Paging, SynchronousTestCase):
         failing = [True]
 
         def runner(f, *args):
-            if f.__name__ == "_write" and failing[0]:
+            if f.__name__ == "_write_batch" and failing[0]:
                 failing[0] = False
                 return defer.fail(sqlite3.OperationalError("disk I/O error"))
             return synchronous(f, *args)

@@ -19,7 +19,8 @@ from caps.broker import Broker
 from caps.frames import encode_json
 from caps.protocol import BrokerFactory
 from caps.store import StoreError
-from caps.store.sqlite import RETRY_DELAY, SQLiteStore
+from caps.store.group import RETRY_DELAY
+from caps.store.sqlite import SQLiteStore
 
 from .test_store import synchronous
 

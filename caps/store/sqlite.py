@@ -2,10 +2,8 @@
 The SQLite store: the broker's state in one file, every confirmed change
 synced to disk before the confirmation goes out.
 
-Changes are recorded as the broker makes them and written in groups: all
-the changes of one pass of the reactor go to disk in one transaction (one
-fsync), on a single writer thread, so the reactor never waits for the disk
-and a batch builds up while the previous one is being synced.
+Changes are written in groups (L{caps.store.group}): all the changes of
+one pass of the reactor go to disk in one transaction (one fsync).
 """
 
 import errno
@@ -15,16 +13,12 @@ import os
 import sqlite3
 import time
 
-from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from caps.queue import Message, Queue
-from caps.store import UNAVAILABLE, IStore, State, StoreError, StoreUnavailable
+from caps.store import IStore, State, StoreError
 from caps.store.batch import coalesce
+from caps.store.group import GroupCommit
 from caps.store.schema import (
     ADD_ENTRY,
     DELIVERED,
@@ -45,8 +39,6 @@ from caps.store.schema import (
 # "CAPS" in PRAGMA application_id; the schema's version in user_version.
 APPLICATION_ID = 0x43415053
 SYNC_MODES = {"full": "FULL", "normal": "NORMAL"}
-# Seconds between attempts to write after a failed write.
-RETRY_DELAY = 1.0
 # Once more than FREE_PAGES_MAX pages (4 MB) are free, give all but
 # FREE_PAGES_KEPT back to the file system.
 FREE_PAGES_MAX = 1024
@@ -218,35 +210,23 @@ def _remove_by_id(connection, qid, message_id):
 
 
 @implementer(IStore)
-class SQLiteStore:
+class SQLiteStore(GroupCommit):
     """
     The broker's state in an SQLite file (WAL mode), written in groups by
     one writer thread.
-
-    @ivar available: False after a failed write, until a retry succeeds;
-        the broker refuses changes meanwhile.
-    @ivar commit_observers: callables told, on the reactor thread, the
-        seconds each group commit took (the metrics' histogram).
     """
 
-    log = Logger()
-
     def __init__(self, path, clock, connection, lock, runner=None, window=WINDOW):
+        super().__init__(clock, runner)
         self.path = path
-        self.clock = clock
+        self.name = f"sqlite:{path}"
         self.window = window
-        self.available = True
         self._connection = connection
         self._lock = lock
-        self._runner = runner
-        self._pool = None
-        self._ops = []
-        self._waiters = []
-        # (ops, waiters) of the batch being written, or None
-        self._writing = None
-        self._call = None
-        self._closed = False
-        self.commit_observers = []
+
+    @property
+    def handle(self):
+        return self._connection
 
     @classmethod
     def open(cls, path, clock, sync="full", runner=None, window=WINDOW):
@@ -322,13 +302,6 @@ class SQLiteStore:
 
     # Changes, recorded in order
 
-    def _record(self, sql, params):
-        if self._closed:
-            return
-        self._ops.append((sql, params))
-        if self._call is None and self._writing is None:
-            self._call = self.clock.callLater(0, self._flush)
-
     def queue_saved(self, queue):
         flt = json.dumps(queue.filter, sort_keys=True) if queue.filter else None
         self._record(
@@ -378,124 +351,9 @@ class SQLiteStore:
     def remove_by_id(self, queue, message_id):
         return self._after_writes(_remove_by_id, queue.qid, message_id)
 
-    def _after_writes(self, f, *args):
-        """
-        Run C{f(connection, *args)} on the writer thread once every change
-        recorded so far is written.
-        """
-        waiting = self.flushed()
-        if waiting is None:
-            return self._run(f, self._connection, *args)
-        return waiting.addCallback(lambda _: self._run(f, self._connection, *args))
+    def _write_batch(self, ops, now):
+        return _write(self._connection, ops, now)
 
-    # Group commit
-
-    @property
-    def backlog(self):
-        writing = len(self._writing[0]) if self._writing is not None else 0
-        return len(self._ops) + writing
-
-    def pending(self):
-        if self._ops:
-            return self._waiters
-        if self._writing is not None:
-            return self._writing[1]
-        return None
-
-    def flushed(self):
-        if self._ops:
-            waiters = self._waiters
-        elif self._writing is not None:
-            waiters = self._writing[1]
-        else:
-            return None
-        d = defer.Deferred()
-        waiters.append(d)
-        return d
-
-    def _run(self, f, *args):
-        if self._runner is not None:
-            return self._runner(f, *args)
-        if self._pool is None:
-            self._pool = ThreadPool(1, 1, name="caps-store-writer")
-            self._pool.start()
-        return deferToThreadPool(self.clock, self._pool, f, *args)
-
-    def _flush(self):
-        self._call = None
-        if self._writing is not None or not self._ops:
-            return
-        self._writing = (self._ops, self._waiters)
-        self._ops, self._waiters = [], []
-        d = self._run(_write, self._connection, self._writing[0], self.clock.seconds())
-        d.addBoth(self._written)
-
-    def _written(self, result):
-        ops, waiters = self._writing
-        self._writing = None
-        if isinstance(result, Failure):
-            if self.available:
-                self.log.failure(
-                    "cannot write to store sqlite:{path}; retrying every {delay} s",
-                    result,
-                    path=self.path,
-                    delay=RETRY_DELAY,
-                )
-            self.available = False
-            # Written again first, in order, when the store recovers.
-            self._ops = ops + self._ops
-            for waiter in waiters:
-                waiter.errback(StoreUnavailable(UNAVAILABLE))
-            if not self._closed:
-                self._call = self.clock.callLater(RETRY_DELAY, self._flush)
-            return None
-        if not self.available:
-            self.log.info("store sqlite:{path} is writable again", path=self.path)
-            self.available = True
-        self._observe(result)
-        for waiter in waiters:
-            waiter.callback(None)
-        if self._ops and self._call is None:
-            self._flush()
-        return None
-
-    def _observe(self, seconds):
-        """
-        Tell the commit observers how long a group commit took.
-        """
-        if not isinstance(seconds, float):
-            # A runner of a test's that does not return _write's result.
-            return
-        for observer in list(self.commit_observers):
-            try:
-                observer(seconds)
-            except Exception:
-                self.log.failure(
-                    "commit observer {observer!r} failed", observer=observer
-                )
-
-    def close(self):
-        """
-        Write what is pending, then release the file, its lock and the
-        writer thread.
-        """
-        return defer.ensureDeferred(self._close())
-
-    async def _close(self):
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-        while self._writing is not None or (self._ops and self.available):
-            waiting = self.flushed()
-            self._flush()
-            try:
-                await waiting
-            except StoreUnavailable:
-                break
-        self._closed = True
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        if self._pool is not None:
-            self._pool.stop()
+    def _release(self):
         self._connection.close()
         self._lock.close()
