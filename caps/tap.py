@@ -23,7 +23,7 @@ from caps.broker import (
 )
 from caps.options import positive_int, rate, seconds
 from caps.protocol import DEFAULT_MAX_LINE, IDLE_TIMEOUT, BrokerFactory
-from caps.store import open_store
+from caps.store import is_redis, open_store
 from caps.store.sqlite import SYNC_MODES, WINDOW
 
 DEFAULT_LISTEN = "tcp:3000:interface=127.0.0.1"
@@ -46,6 +46,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "Do not log every published message (EVENT {...}); it costs about a "
             "quarter of the broker's CPU per message.",
         ],
+        [
+            "redis-durable",
+            None,
+            "With a Redis store: confirm a publish only once Redis has synced it "
+            "to its append-only file (WAITAOF; before Redis 7.2, appendfsync "
+            "always is required) and, if it has replicas, one replica has it.",
+        ],
     ]
     optParameters = [
         [
@@ -60,7 +67,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             None,
             DEFAULT_STORE,
             "Where queues are kept: sqlite:PATH (a file; every confirmed change "
-            "is on disk) or memory (lost when the broker stops).",
+            "is on disk), redis://[:PASSWORD@]HOST:PORT/DB (also rediss:// for "
+            "TLS, unix://PATH; the password better in $CAPS_REDIS_PASSWORD) "
+            "or memory (lost when the broker stops).",
         ],
         [
             "sync",
@@ -74,8 +83,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "queue-window",
             None,
             WINDOW,
-            "With sqlite: messages of each queue kept in memory; the rest of a "
-            "longer queue waits on disk and is read back as the queue drains.",
+            "With sqlite or redis: messages of each queue kept in memory; the "
+            "rest of a longer queue waits in the store and is read back as the "
+            "queue drains.",
             positive_int,
         ],
         [
@@ -250,10 +260,18 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                         f"bad --{option} {description!r}: {e}"
                     ) from None
         kind, _, path = self["store"].partition(":")
-        if not (kind == "memory" and not path or kind == "sqlite" and path):
+        if is_redis(self["store"]):
+            if "//" not in self["store"]:
+                raise usage.UsageError(
+                    "--store redis needs a URL: redis://HOST:PORT/DB"
+                )
+        elif not (kind == "memory" and not path or kind == "sqlite" and path):
             raise usage.UsageError(
-                f"--store must be memory or sqlite:PATH (not {self['store']!r})"
+                f"--store must be memory, sqlite:PATH or redis://HOST:PORT/DB "
+                f"(not {self['store']!r})"
             )
+        if self["redis-durable"] and not is_redis(self["store"]):
+            raise usage.UsageError("--redis-durable needs a Redis --store")
         if self["sync"] not in SYNC_MODES:
             raise usage.UsageError(
                 f"--sync must be full or normal (not {self['sync']!r})"
@@ -384,7 +402,11 @@ def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     store = open_store(
-        options["store"], reactor, sync=options["sync"], window=options["queue-window"]
+        options["store"],
+        reactor,
+        sync=options["sync"],
+        window=options["queue-window"],
+        durable=options["redis-durable"],
     )
     broker = Broker(
         clock=reactor,

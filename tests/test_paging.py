@@ -7,6 +7,7 @@ window (plus what is in flight).
 import os
 import sqlite3
 import tempfile
+from unittest import skipIf
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,8 +18,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from caps.broker import Broker
 from caps.frames import encode_json
 from caps.store import StoreUnavailable
+from caps.store.redis import RedisStore
 from caps.store.sqlite import SQLiteStore
 
+from . import redisserver
 from .helpers import RecordingConnection
 from .test_sqlite import HeldWrites
 from .test_store import synchronous
@@ -33,17 +36,34 @@ class _Paging:
     """
 
     def open_broker(self, window=WINDOW, **options):
-        scratch = tempfile.TemporaryDirectory(prefix="caps-paging-")
-        self.addCleanup(scratch.cleanup)
-        self.path = os.path.join(scratch.name, "caps.sqlite3")
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.window = window
         self.options = options
-        self.store = SQLiteStore.open(
-            self.path, self.clock, runner=synchronous, window=window
-        )
+        self.store = self.new_store()
         self.broker = Broker(self.clock, store=self.store, **options)
+
+    def new_store(self):
+        scratch = tempfile.TemporaryDirectory(prefix="caps-paging-")
+        self.addCleanup(scratch.cleanup)
+        self.path = os.path.join(scratch.name, "caps.sqlite3")
+        return self.reopen_store()
+
+    def reopen_store(self):
+        return SQLiteStore.open(
+            self.path, self.clock, runner=synchronous, window=self.window
+        )
+
+    def rows_on_disk(self, queue):
+        """
+        The sequence numbers the store holds for C{queue}, in order.
+        """
+        return [
+            seq
+            for (seq,) in sqlite3.connect(self.path).execute(
+                "SELECT seq FROM entries WHERE qid = ? ORDER BY seq", (queue.qid,)
+            )
+        ]
 
     def tearDown(self):
         self.broker.stop()
@@ -53,9 +73,7 @@ class _Paging:
         self.turn()
         self.broker.stop()
         self.successResultOf(self.store.close())
-        self.store = SQLiteStore.open(
-            self.path, self.clock, runner=synchronous, window=self.window
-        )
+        self.store = self.reopen_store()
         self.broker = Broker(self.clock, store=self.store, **self.options)
 
     def turn(self, count=20):
@@ -354,14 +372,6 @@ class RaceTests(_Paging, SynchronousTestCase):
         self.assertEqual(sorted(self.drain(held, seen)), [8, 9, 10, 11, 13, 14, 15])
         self.assertEqual(len(queue), 0)
 
-    def rows_on_disk(self, queue):
-        return [
-            seq
-            for (seq,) in sqlite3.connect(self.path).execute(
-                "SELECT seq FROM entries WHERE qid = ? ORDER BY seq", (queue.qid,)
-            )
-        ]
-
     def test_acknowledged_during_a_read_stays_gone_after_it(self):
         """A requeued message acknowledged during one read is not brought back by the next, which reads before its delete is written."""
         self.open_broker(max_deliveries=3)
@@ -468,9 +478,9 @@ class RaceTests(_Paging, SynchronousTestCase):
         failing = [True]
 
         def runner(f, *args):
-            if f.__name__ == "_write_batch" and failing[0]:
+            if getattr(f, "__name__", None) == "_write_batch" and failing[0]:
                 failing[0] = False
-                return defer.fail(sqlite3.OperationalError("disk I/O error"))
+                return defer.fail(OSError("disk I/O error"))
             return synchronous(f, *args)
 
         self.store._runner = runner
@@ -481,25 +491,27 @@ class RaceTests(_Paging, SynchronousTestCase):
         self.turn()
         self.store._runner = synchronous
         self.assertEqual(sorted(self.drain(held, seen)), [8, 9, 10, 11, 13, 14, 15])
-        self.assertEqual(
-            len(self.flushLoggedErrors(sqlite3.OperationalError, StoreUnavailable)), 2
-        )
+        self.assertEqual(len(self.flushLoggedErrors(OSError, StoreUnavailable)), 2)
+
+
+STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("publish"), st.integers(1, 6)),
+        st.tuples(st.just("consume"), st.integers(1, 8)),
+        st.tuples(st.just("restart"), st.just(0)),
+    ),
+    max_size=25,
+)
 
 
 class EquivalenceTests(_Paging, SynchronousTestCase):
     @settings(max_examples=150, deadline=None)
-    @given(
-        st.lists(
-            st.one_of(
-                st.tuples(st.just("publish"), st.integers(1, 6)),
-                st.tuples(st.just("consume"), st.integers(1, 8)),
-                st.tuples(st.just("restart"), st.just(0)),
-            ),
-            max_size=25,
-        )
-    )
+    @given(STEPS)
     def test_same_as_all_in_memory(self, steps):
         """Whatever is published, consumed and restarted, a window of four delivers what one large enough to hold everything does."""
+        self.check_equivalent(steps)
+
+    def check_equivalent(self, steps):
         delivered = []
         for window in (WINDOW, 10_000):
             self.open_broker(window=window)
@@ -529,3 +541,46 @@ class EquivalenceTests(_Paging, SynchronousTestCase):
 
 class _Empty:
     in_memory = 0
+
+
+class _OnRedis:
+    """
+    The same tests on the Redis store (the shared test server, emptied).
+    """
+
+    def new_store(self):
+        server = redisserver.shared()
+        server.client().flushall()
+        self.url = server.url
+        return self.reopen_store()
+
+    def reopen_store(self):
+        return RedisStore.open(
+            self.url, self.clock, runner=synchronous, window=self.window
+        )
+
+    def rows_on_disk(self, queue):
+        seqs = (
+            redisserver.shared().client().zrange(f"caps:{{q{queue.qid}}}:seqs", 0, -1)
+        )
+        return [int(seq) for seq in seqs]
+
+
+@skipIf(not redisserver.AVAILABLE, redisserver.skip_reason)
+class RedisPagingTests(_OnRedis, PagingTests):
+    pass
+
+
+@skipIf(not redisserver.AVAILABLE, redisserver.skip_reason)
+class RedisRaceTests(_OnRedis, RaceTests):
+    pass
+
+
+@skipIf(not redisserver.AVAILABLE, redisserver.skip_reason)
+class RedisEquivalenceTests(_OnRedis, EquivalenceTests):
+    # A test of its own: hypothesis runs one test function from one class.
+    @settings(max_examples=50, deadline=None)
+    @given(STEPS)
+    def test_same_as_all_in_memory(self, steps):
+        """On Redis too, a window of four delivers what one large enough to hold everything does."""
+        self.check_equivalent(steps)

@@ -2,11 +2,12 @@
 The store contract: one suite, run against every store through the broker
 that uses it.  A "restart" makes a new broker on the store as a restarted
 process would find it: the same object for the memory store, the file
-reopened for SQLite.
+reopened for SQLite and Redis.
 """
 
 import os
 import tempfile
+from unittest import skipIf
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -17,8 +18,10 @@ from caps.broker import Broker
 from caps.frames import encode_json
 from caps.store import IStore
 from caps.store.memory import MemoryStore
+from caps.store.redis import LOCK_KEY, RedisStore
 from caps.store.sqlite import SQLiteStore
 
+from . import redisserver
 from .helpers import RecordingConnection
 
 
@@ -331,3 +334,21 @@ class SQLiteStoreTests(_StoreContract, SynchronousTestCase):
         store._connection.close()
         store._lock.close()
         return SQLiteStore.open(self.path, self.clock, runner=synchronous)
+
+
+@skipIf(not redisserver.AVAILABLE, redisserver.skip_reason)
+class RedisStoreTests(_StoreContract, SynchronousTestCase):
+    def open_store(self):
+        server = redisserver.shared()
+        server.client().flushall()
+        self.url = server.url
+        store = RedisStore.open(self.url, self.clock, runner=synchronous)
+        self.addCleanup(lambda: self.store.close())
+        return store
+
+    def reopen_store(self, store):
+        # A crash: nothing more is written, and the lock expires.
+        store._renewing.stop()
+        store._client.delete(LOCK_KEY)
+        store._client.close()
+        return RedisStore.open(self.url, self.clock, runner=synchronous)

@@ -48,7 +48,7 @@ class OptionsTests(SynchronousTestCase):
         """An unknown store, or sqlite without a path, is refused with the forms that work."""
         for bad in ("mongodb", "sqlite", "sqlite:", "memory:x"):
             e = self.assertRaises(usage.UsageError, self.parse, "--store", bad)
-            self.assertIn("memory or sqlite:PATH", str(e))
+            self.assertIn("memory, sqlite:PATH or redis://HOST:PORT/DB", str(e))
 
     def test_queue_window(self):
         """--queue-window sets how much of each queue the SQLite store keeps in memory."""

@@ -6,8 +6,9 @@ change as it makes it; the store makes the changes durable in its own time
 (in groups) and says when they are, through L{IStore.flushed}.  On start
 the broker takes its state from L{IStore.load}.
 
-Two stores: L{memory.MemoryStore} (the state lives as long as the process)
-and L{sqlite.SQLiteStore} (a file, every confirmed change synced to disk).
+Three stores: L{memory.MemoryStore} (the state lives as long as the
+process), L{sqlite.SQLiteStore} (a file, every confirmed change synced to
+disk) and L{redis.RedisStore} (a Redis database).
 """
 
 from collections import OrderedDict
@@ -159,10 +160,13 @@ class IStore(Interface):
         """
 
 
-def open_store(description, clock, sync="full", window=None):
+def open_store(description, clock, sync="full", window=None, durable=False):
     """
-    Open the store described by C{memory} or C{sqlite:PATH}.
+    Open the store described by C{memory}, C{sqlite:PATH} or a Redis URL
+    (C{redis://}, C{rediss://}, C{unix://}).
 
+    @param durable: with Redis, confirm a write only once Redis has synced
+        it (and a replica has it, where there are replicas).
     @raise StoreError: with a one-line reason if it cannot be opened.
     """
     kind, _, rest = description.partition(":")
@@ -176,6 +180,20 @@ def open_store(description, clock, sync="full", window=None):
         if window is None:
             return SQLiteStore.open(rest, clock, sync=sync)
         return SQLiteStore.open(rest, clock, sync=sync, window=window)
+    if is_redis(description):
+        from caps.store.redis import RedisStore
+
+        if window is None:
+            return RedisStore.open(description, clock, durable=durable)
+        return RedisStore.open(description, clock, window=window, durable=durable)
     raise StoreError(
-        f"caps-broker: unknown store {description!r} (use memory or sqlite:PATH)"
+        f"caps-broker: unknown store {description!r} "
+        f"(use memory, sqlite:PATH or redis://HOST:PORT/DB)"
     )
+
+
+def is_redis(description):
+    """
+    Whether C{description} names a Redis store.
+    """
+    return description.partition(":")[0] in ("redis", "rediss", "unix")

@@ -1,0 +1,620 @@
+"""
+The Redis store: the broker's state in a Redis database.
+
+The same contract as the SQLite store (L{caps.store.IStore}): the broker
+keeps its queues in memory, each queue's first C{window} messages, and
+records every change; the changes of one pass of the reactor go to Redis
+in one C{MULTI}/C{EXEC} on the writer thread (L{caps.store.group}), and a
+publish is confirmed once Redis has accepted the transaction that holds
+it.  With C{durable}, also once Redis has written it to its append-only
+file and synced it (C{WAITAOF} on Redis 7.2 and later; on older servers,
+C{appendfsync always} is required, which syncs before Redis answers) and,
+where the server has replicas, once one replica has it.
+
+The client is redis-py's synchronous one, on the writer thread: the
+reactor never waits for Redis, and the store shares the SQLite store's
+group commit instead of a second, asynchronous way of writing.
+
+Keys (docs/scaling.md): every key of one queue carries the hash tag
+C{{q<qid>}}, so Redis Cluster keeps a queue's keys in one slot and a Lua
+script can change them together.
+
+    caps:layout                 the layout's version (LAYOUT)
+    caps:lock                   the token of the broker using the store
+    caps:queues                 hash: qid -> [clientId, event, subscribed, filter, maxLength]
+    caps:dedupe                 sorted set: client-given messageId, scored by when it may be forgotten
+    caps:{q<qid>}:seqs          sorted set: the queue's sequence numbers, in order
+    caps:{q<qid>}:rows          hash: seq -> the message (see L{_row})
+    caps:{q<qid>}:deliveries    hash: seq -> times sent, once sent
+    caps:{q<qid>}:ids           hash: messageId -> seq (acknowledging a message on disk only)
+"""
+
+import json
+import os
+import time
+import uuid
+from urllib.parse import urlsplit, urlunsplit
+
+from twisted.internet import task
+from zope.interface import implementer
+
+from caps.queue import Message, Queue
+from caps.store import IStore, State, StoreError
+from caps.store.batch import coalesce
+from caps.store.group import GroupCommit
+from caps.store.schema import (
+    ADD_ENTRY,
+    DELIVERED,
+    DROP_ENTRIES,
+    DROP_QUEUE,
+    MOVE_ENTRY,
+    REMEMBER_ID,
+    REMOVE_ENTRY,
+    SAVE_QUEUE,
+)
+
+LAYOUT = 1
+LAYOUT_KEY = "caps:layout"
+LOCK_KEY = "caps:lock"
+QUEUES_KEY = "caps:queues"
+DEDUPE_KEY = "caps:dedupe"
+# The password, when the URL has none: never on the command line.
+PASSWORD_ENV = "CAPS_REDIS_PASSWORD"
+# Messages of each queue kept in memory, as with SQLite.
+WINDOW = 10_000
+# Seconds the lock lasts unless renewed; renewed every LOCK_RENEW seconds.
+# A broker killed without closing holds the store until it expires.
+LOCK_TTL = 5.0
+LOCK_RENEW = 1.0
+# Seconds a durable write waits for the sync and the replica.
+DURABLE_TIMEOUT = 5.0
+SCHEMES = ("redis", "rediss", "unix")
+
+
+def _keys(qid):
+    tag = f"caps:{{q{qid}}}"
+    return (f"{tag}:seqs", f"{tag}:rows", f"{tag}:deliveries", f"{tag}:ids")
+
+
+def _row(message_id, event, payload, time_, expires, reason, died):
+    """
+    A message as the store keeps it: a JSON header, a newline, the payload
+    (compact JSON, so it has no raw newline of its own).
+    """
+    header = json.dumps(
+        [message_id, event, time_, expires, reason, died], separators=(",", ":")
+    )
+    return header.encode("utf-8") + b"\n" + payload
+
+
+def _message(seq, row, deliveries):
+    header, _, payload = row.partition(b"\n")
+    message_id, event, time_, expires, reason, died = json.loads(header)
+    return (
+        Message(message_id, event, payload, seq, time_, expires),
+        int(deliveries or 0),
+        None if reason is None else (reason, died),
+    )
+
+
+# KEYS: seqs, rows, deliveries, ids.  ARGV: sequence numbers.
+_REMOVE = """
+for i = 1, #ARGV do
+  local seq = ARGV[i]
+  local row = redis.call('HGET', KEYS[2], seq)
+  if row then
+    local stop = string.find(row, '\\n', 1, true)
+    local id = cjson.decode(string.sub(row, 1, stop - 1))[1]
+    if redis.call('HGET', KEYS[4], id) == seq then
+      redis.call('HDEL', KEYS[4], id)
+    end
+    redis.call('HDEL', KEYS[2], seq)
+  end
+  redis.call('ZREM', KEYS[1], seq)
+  redis.call('HDEL', KEYS[3], seq)
+end
+return #ARGV
+"""
+
+# KEYS: seqs, rows, deliveries, ids.  ARGV: messageId.  Returns the
+# sequence numbers removed.
+_REMOVE_BY_ID = """
+local seq = redis.call('HGET', KEYS[4], ARGV[1])
+if not seq then
+  return {}
+end
+redis.call('HDEL', KEYS[4], ARGV[1])
+redis.call('HDEL', KEYS[2], seq)
+redis.call('ZREM', KEYS[1], seq)
+redis.call('HDEL', KEYS[3], seq)
+return {seq}
+"""
+
+# KEYS: seqs, rows, deliveries.  ARGV: after, limit.  Returns seq, row,
+# deliveries for each message, flat, in order.
+_READ = """
+local seqs = redis.call('ZRANGE', KEYS[1], '(' .. ARGV[1], '+inf', 'BYSCORE',
+                        'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for i = 1, #seqs do
+  local seq = seqs[i]
+  out[#out + 1] = seq
+  out[#out + 1] = redis.call('HGET', KEYS[2], seq) or ''
+  out[#out + 1] = redis.call('HGET', KEYS[3], seq) or '0'
+end
+return out
+"""
+
+# KEYS: the lock.  ARGV: token, milliseconds.  1 if the lock was ours and
+# is renewed, 0 if another broker has it now.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: the lock.  ARGV: token.
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def shown(url):
+    """
+    C{url} without its password, for logs and errors.
+    """
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = user + host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def connect(url):
+    """
+    A redis-py client for C{url}; the password from C{$CAPS_REDIS_PASSWORD}
+    if the URL has none.
+
+    @raise StoreError: if the URL is not one Redis takes, or redis-py is
+        not installed.
+    """
+    try:
+        import redis
+    except ImportError:
+        raise StoreError(
+            "caps-broker: --store redis:// needs the redis package "
+            "(pip install 'caps-broker[redis]')"
+        ) from None
+    if urlsplit(url).scheme not in SCHEMES:
+        raise StoreError(f"caps-broker: not a Redis URL: {shown(url)}")
+    options = {"socket_timeout": 10.0, "socket_connect_timeout": 5.0}
+    password = os.environ.get(PASSWORD_ENV)
+    if password and urlsplit(url).password is None:
+        options["password"] = password
+    try:
+        return redis.Redis.from_url(url, **options)
+    except ValueError as e:
+        raise StoreError(f"caps-broker: bad Redis URL {shown(url)}: {e}") from None
+
+
+def _version(client):
+    text = client.info("server").get("redis_version", "0")
+    return tuple(int(part) for part in str(text).split(".")[:2] if part.isdigit())
+
+
+def _check_durable(client, name):
+    """
+    How a durable write waits: C{"waitaof"} (Redis 7.2+) or C{"always"}
+    (the server syncs every write before it answers); and whether it
+    waits for a replica.
+
+    @raise StoreError: if the server can do neither.
+    """
+    persistence = client.info("persistence")
+    if not persistence.get("aof_enabled"):
+        raise StoreError(f"caps-broker: --redis-durable needs appendonly yes on {name}")
+    replicas = client.info("replication").get("connected_slaves", 0)
+    if _version(client) >= (7, 2):
+        return "waitaof", replicas > 0
+    try:
+        fsync = client.config_get("appendfsync").get("appendfsync")
+    except Exception:
+        fsync = None
+    if fsync != "always":
+        raise StoreError(
+            f"caps-broker: --redis-durable needs Redis 7.2 or later (WAITAOF), "
+            f"or appendfsync always, on {name}"
+        )
+    return "always", replicas > 0
+
+
+@implementer(IStore)
+class RedisStore(GroupCommit):
+    """
+    The broker's state in a Redis database, written in groups by one
+    writer thread.
+
+    @ivar durable: how confirmed writes wait beyond Redis accepting them:
+        L{None}, or C{(how, replica)} as L{_check_durable} says.
+    """
+
+    def __init__(
+        self, url, clock, client, token, runner=None, window=WINDOW, durable=None
+    ):
+        super().__init__(clock, runner)
+        self.name = shown(url)
+        self.window = window
+        self.durable = durable
+        self._client = client
+        self._token = token
+        self._lost = False
+        self._remove = client.register_script(_REMOVE)
+        self._remove_by_id = client.register_script(_REMOVE_BY_ID)
+        self._read = client.register_script(_READ)
+        self._renew_lock = client.register_script(_RENEW)
+        self._renewing = task.LoopingCall(self._renew)
+        self._renewing.clock = clock
+        self._renewing.start(LOCK_RENEW, now=False)
+
+    @property
+    def handle(self):
+        return self._client
+
+    @classmethod
+    def open(
+        cls, url, clock, runner=None, window=WINDOW, durable=False, lock_wait=None
+    ):
+        """
+        Open the store in the Redis database at C{url}, waiting up to
+        C{lock_wait} seconds (L{LOCK_TTL} and one more by default) for a
+        broker that stopped without closing it to let it go.
+
+        @raise StoreError: with a one-line reason, the password left out.
+        """
+        import redis
+
+        name = shown(url)
+        client = connect(url)
+        token = f"{uuid.uuid4().hex} pid {os.getpid()}"
+        if lock_wait is None:
+            lock_wait = LOCK_TTL + 1.0
+        try:
+            _check_layout(client, name)
+            how = _check_durable(client, name) if durable else None
+            _take_lock(client, token, name, lock_wait)
+        except redis.RedisError as e:
+            client.close()
+            raise StoreError(f"caps-broker: cannot open store {name}: {e}") from None
+        except StoreError:
+            client.close()
+            raise
+        return cls(url, clock, client, token, runner, window, how)
+
+    def load(self):
+        state = State()
+        client = self._client
+        queues = {}
+        for qid, fields in client.hgetall(QUEUES_KEY).items():
+            qid = int(qid)
+            client_id, event, subscribed, flt, max_length = json.loads(fields)
+            queue = Queue(
+                client_id,
+                event,
+                qid,
+                filter=flt,
+                subscribed=subscribed,
+                max_length=max_length,
+            )
+            queues[qid] = state.queues[client_id, event] = queue
+            state.next_qid = max(state.next_qid, qid + 1)
+        live = state.live
+        for qid, queue in queues.items():
+            seqs = _keys(qid)[0]
+            count = client.zcard(seqs)
+            if not count:
+                continue
+            last = client.zrange(seqs, -1, -1)
+            state.seq = max(state.seq, int(last[0]))
+            rows = _read_entries(client, self._read, qid, 0, self.window)
+            for message, deliveries, dead in rows:
+                if message.id in queue:
+                    # Published again after the dedupe window while the
+                    # first was in the store only: the later one is a
+                    # duplicate.
+                    self._record(REMOVE_ENTRY, (qid, message.seq))
+                    continue
+                entry = queue.append(message, deliveries)
+                entry.dead = dead
+                live[message.id] = live.get(message.id, 0) + 1
+            if rows:
+                queue.last_seq = rows[-1][0].seq
+            queue.spilled = count - len(rows)
+        for message_id, expires in client.zrange(
+            DEDUPE_KEY,
+            f"({self.clock.seconds()!r}",
+            "+inf",
+            byscore=True,
+            withscores=True,
+        ):
+            state.seen[message_id.decode("utf-8")] = expires
+        return state
+
+    # Changes, recorded in order
+
+    def queue_saved(self, queue):
+        self._record(
+            SAVE_QUEUE,
+            (
+                queue.qid,
+                queue.client_id,
+                queue.event,
+                queue.subscribed,
+                queue.filter,
+                queue.max_length,
+            ),
+        )
+
+    def queue_dropped(self, queue):
+        self._record(DROP_ENTRIES, (queue.qid,))
+        self._record(DROP_QUEUE, (queue.qid,))
+
+    def message_added(self, message, queues):
+        for queue in queues:
+            self._record(ADD_ENTRY, _params(queue, message, 0))
+
+    def entry_removed(self, queue, message):
+        self._record(REMOVE_ENTRY, (queue.qid, message.seq))
+
+    def entry_added(self, queue, entry):
+        self._record(
+            MOVE_ENTRY, _params(queue, entry.message, entry.deliveries, entry.dead)
+        )
+
+    def delivered(self, entry):
+        self._record(DELIVERED, (entry.deliveries, entry.queue.qid, entry.message.seq))
+
+    def id_remembered(self, message_id, expires):
+        self._record(REMEMBER_ID, (message_id, expires))
+
+    # Reading a queue's tail back
+
+    def load_entries(self, queue, after, limit, wait=False):
+        if wait:
+            return self._after_writes(
+                _read_entries, self._read, queue.qid, after, limit
+            )
+        # As with SQLite: transactions apply in order, so what of a queue's
+        # tail is written is its oldest part, and the rest is read later.
+        return self._run(
+            _read_entries, self._client, self._read, queue.qid, after, limit
+        )
+
+    def remove_by_id(self, queue, message_id):
+        return self._after_writes(_remove_id, self._remove_by_id, queue.qid, message_id)
+
+    # Writing
+
+    def _write_batch(self, ops, now):
+        return _write(self._client, self._remove, ops, now, self.durable)
+
+    def _renew(self):
+        """
+        Keep the lock; if another broker has taken it (this one was cut off
+        from Redis for longer than L{LOCK_TTL}), stop writing: two brokers
+        writing one store would lose messages.
+        """
+        d = self._run(self._renew_lock, [LOCK_KEY], [self._token, int(LOCK_TTL * 1000)])
+        d.addCallbacks(self._renewed, self._renew_failed)
+
+    def _renewed(self, ours):
+        if not ours and not self._closed:
+            self.log.critical(
+                "store {store}: another broker holds its lock now; "
+                "this broker stops writing to it",
+                store=self.name,
+            )
+            self.available = False
+            self._lost = self._closed = True
+
+    def _renew_failed(self, failure):
+        self.log.warn(
+            "store {store}: cannot renew its lock: {error}",
+            store=self.name,
+            error=failure.getErrorMessage(),
+        )
+
+    def _release(self):
+        if self._renewing.running:
+            self._renewing.stop()
+        if not self._lost:
+            try:
+                self._client.eval(_UNLOCK, 1, LOCK_KEY, self._token)
+            except Exception as e:
+                # It expires by itself.
+                self.log.warn(
+                    "store {store}: cannot let go of its lock: {error}",
+                    store=self.name,
+                    error=str(e),
+                )
+        self._client.close()
+
+
+def _params(queue, message, deliveries, dead=None):
+    reason, died = dead or (None, None)
+    return (
+        queue.qid,
+        message.seq,
+        message.id,
+        message.event,
+        message.payload,
+        message.time,
+        message.expires,
+        deliveries,
+        reason,
+        died,
+    )
+
+
+def _check_layout(client, name):
+    layout = client.get(LAYOUT_KEY)
+    if layout is None:
+        if client.dbsize():
+            raise StoreError(
+                f"caps-broker: {name} holds keys that are not a CAPS store; "
+                f"give the broker a database of its own"
+            )
+        client.set(LAYOUT_KEY, LAYOUT)
+    elif int(layout) > LAYOUT:
+        raise StoreError(
+            f"caps-broker: {name} was written by a newer CAPS (layout "
+            f"{int(layout)}); this broker reads layout {LAYOUT}"
+        )
+
+
+def _take_lock(client, token, name, wait):
+    """
+    Take the store's lock, waiting up to C{wait} seconds for it to expire
+    if another broker holds it.
+    """
+    deadline = time.monotonic() + wait
+    while not client.set(LOCK_KEY, token, nx=True, px=int(LOCK_TTL * 1000)):
+        if time.monotonic() >= deadline:
+            holder = client.get(LOCK_KEY)
+            holder = holder.decode("utf-8", "replace") if holder else "unknown"
+            raise StoreError(
+                f"caps-broker: store {name} is in use by another broker ({holder})"
+            )
+        time.sleep(0.2)
+
+
+def _read_entries(client, script, qid, after, limit):
+    """
+    Up to C{limit} messages of queue C{qid} after sequence number C{after},
+    in order: C{(Message, deliveries, dead)}.
+    """
+    seqs, rows, deliveries, _ = _keys(qid)
+    flat = script(keys=[seqs, rows, deliveries], args=[after, limit], client=client)
+    return [
+        _message(int(flat[i]), flat[i + 1], flat[i + 2])
+        for i in range(0, len(flat), 3)
+        if flat[i + 1]
+    ]
+
+
+def _remove_id(client, script, qid, message_id):
+    return [int(seq) for seq in script(keys=_keys(qid), args=[message_id])]
+
+
+def _write(client, remove, ops, now, durable):
+    """
+    Apply a batch of changes in one MULTI/EXEC (on the writer thread).
+
+    @return: the seconds it took, the durable wait included.
+    """
+    started = time.perf_counter()
+    pipe = client.pipeline(transaction=True)
+    for op, rows in coalesce(ops):
+        _WRITERS[op](pipe, remove, rows)
+    pipe.zremrangebyscore(DEDUPE_KEY, "-inf", now)
+    pipe.execute()
+    if durable is not None:
+        _wait_durable(client, *durable)
+    return time.perf_counter() - started
+
+
+def _wait_durable(client, how, replica):
+    timeout = int(DURABLE_TIMEOUT * 1000)
+    if how == "waitaof":
+        local, replicas = client.execute_command("WAITAOF", 1, int(replica), timeout)
+        if local < 1 or replicas < int(replica):
+            raise OSError("Redis did not sync the write in time (WAITAOF)")
+    elif replica and client.execute_command("WAIT", 1, timeout) < 1:
+        raise OSError("no Redis replica took the write in time (WAIT)")
+
+
+def _by_queue(rows, qid_at):
+    grouped = {}
+    for row in rows:
+        grouped.setdefault(row[qid_at], []).append(row)
+    return grouped.items()
+
+
+def _save_queue(pipe, remove, rows):
+    for qid, client_id, event, subscribed, flt, max_length in rows:
+        fields = [client_id, event, bool(subscribed), flt, max_length]
+        pipe.hset(QUEUES_KEY, qid, json.dumps(fields))
+
+
+def _drop_entries(pipe, remove, rows):
+    for (qid,) in rows:
+        pipe.delete(*_keys(qid))
+
+
+def _drop_queue(pipe, remove, rows):
+    for (qid,) in rows:
+        pipe.hdel(QUEUES_KEY, qid)
+
+
+def _add_entries(pipe, remove, rows):
+    for qid, entries in _by_queue(rows, 0):
+        seqs, rows_key, deliveries_key, ids = _keys(qid)
+        pipe.zadd(seqs, {seq: seq for _, seq, *_ in entries})
+        pipe.hset(
+            rows_key,
+            mapping={
+                seq: _row(message_id, event, payload, time_, expires, reason, died)
+                for (
+                    _,
+                    seq,
+                    message_id,
+                    event,
+                    payload,
+                    time_,
+                    expires,
+                    _,
+                    reason,
+                    died,
+                ) in entries
+            },
+        )
+        pipe.hset(ids, mapping={entry[2]: entry[1] for entry in entries})
+        sent = {entry[1]: entry[7] for entry in entries if entry[7]}
+        if sent:
+            pipe.hset(deliveries_key, mapping=sent)
+
+
+def _delivered(pipe, remove, rows):
+    for qid, updates in _by_queue(rows, 1):
+        pipe.hset(_keys(qid)[2], mapping={seq: count for count, _, seq in updates})
+
+
+def _remove_entries(pipe, remove, rows):
+    for qid, removed in _by_queue(rows, 0):
+        remove(keys=_keys(qid), args=[seq for _, seq in removed], client=pipe)
+
+
+def _remember(pipe, remove, rows):
+    pipe.zadd(DEDUPE_KEY, dict(rows))
+
+
+# The SQLite store's statements name the kinds of change (they are what
+# caps.store.batch folds); here each kind is written as Redis commands.
+_WRITERS = {
+    SAVE_QUEUE: _save_queue,
+    DROP_ENTRIES: _drop_entries,
+    DROP_QUEUE: _drop_queue,
+    ADD_ENTRY: _add_entries,
+    MOVE_ENTRY: _add_entries,
+    DELIVERED: _delivered,
+    REMOVE_ENTRY: _remove_entries,
+    REMEMBER_ID: _remember,
+}
