@@ -15,18 +15,8 @@ The client is redis-py's synchronous one, on the writer thread: the
 reactor never waits for Redis, and the store shares the SQLite store's
 group commit instead of a second, asynchronous way of writing.
 
-Keys (docs/scaling.md): every key of one queue carries the hash tag
-C{{q<qid>}}, so Redis Cluster keeps a queue's keys in one slot and a Lua
-script can change them together.
-
-    caps:layout                 the layout's version (LAYOUT)
-    caps:lock                   the token of the broker using the store
-    caps:queues                 hash: qid -> [clientId, event, subscribed, filter, maxLength]
-    caps:dedupe                 sorted set: client-given messageId, scored by when it may be forgotten
-    caps:{q<qid>}:seqs          sorted set: the queue's sequence numbers, in order
-    caps:{q<qid>}:rows          hash: seq -> the message (see L{_row})
-    caps:{q<qid>}:deliveries    hash: seq -> times sent, once sent
-    caps:{q<qid>}:ids           hash: messageId -> seq (acknowledging a message on disk only)
+The keys and the scripts are in L{caps.store.redislayout} (and
+docs/scaling.md).
 """
 
 import json
@@ -38,10 +28,11 @@ from urllib.parse import urlsplit, urlunsplit
 from twisted.internet import task
 from zope.interface import implementer
 
-from caps.queue import Message, Queue
+from caps.queue import Queue
 from caps.store import IStore, State, StoreError
-from caps.store.batch import coalesce
+from caps.store import redislayout as layout
 from caps.store.group import GroupCommit
+from caps.store.redislayout import DEDUPE_KEY, LAYOUT, LAYOUT_KEY, LOCK_KEY, QUEUES_KEY
 from caps.store.schema import (
     ADD_ENTRY,
     DELIVERED,
@@ -53,11 +44,6 @@ from caps.store.schema import (
     SAVE_QUEUE,
 )
 
-LAYOUT = 1
-LAYOUT_KEY = "caps:layout"
-LOCK_KEY = "caps:lock"
-QUEUES_KEY = "caps:queues"
-DEDUPE_KEY = "caps:dedupe"
 # The password, when the URL has none: never on the command line.
 PASSWORD_ENV = "CAPS_REDIS_PASSWORD"
 # Messages of each queue kept in memory, as with SQLite.
@@ -70,80 +56,6 @@ LOCK_RENEW = 1.0
 DURABLE_TIMEOUT = 5.0
 SCHEMES = ("redis", "rediss", "unix")
 
-
-def _keys(qid):
-    tag = f"caps:{{q{qid}}}"
-    return (f"{tag}:seqs", f"{tag}:rows", f"{tag}:deliveries", f"{tag}:ids")
-
-
-def _row(message_id, event, payload, time_, expires, reason, died):
-    """
-    A message as the store keeps it: a JSON header, a newline, the payload
-    (compact JSON, so it has no raw newline of its own).
-    """
-    header = json.dumps(
-        [message_id, event, time_, expires, reason, died], separators=(",", ":")
-    )
-    return header.encode("utf-8") + b"\n" + payload
-
-
-def _message(seq, row, deliveries):
-    header, _, payload = row.partition(b"\n")
-    message_id, event, time_, expires, reason, died = json.loads(header)
-    return (
-        Message(message_id, event, payload, seq, time_, expires),
-        int(deliveries or 0),
-        None if reason is None else (reason, died),
-    )
-
-
-# KEYS: seqs, rows, deliveries, ids.  ARGV: sequence numbers.
-_REMOVE = """
-for i = 1, #ARGV do
-  local seq = ARGV[i]
-  local row = redis.call('HGET', KEYS[2], seq)
-  if row then
-    local stop = string.find(row, '\\n', 1, true)
-    local id = cjson.decode(string.sub(row, 1, stop - 1))[1]
-    if redis.call('HGET', KEYS[4], id) == seq then
-      redis.call('HDEL', KEYS[4], id)
-    end
-    redis.call('HDEL', KEYS[2], seq)
-  end
-  redis.call('ZREM', KEYS[1], seq)
-  redis.call('HDEL', KEYS[3], seq)
-end
-return #ARGV
-"""
-
-# KEYS: seqs, rows, deliveries, ids.  ARGV: messageId.  Returns the
-# sequence numbers removed.
-_REMOVE_BY_ID = """
-local seq = redis.call('HGET', KEYS[4], ARGV[1])
-if not seq then
-  return {}
-end
-redis.call('HDEL', KEYS[4], ARGV[1])
-redis.call('HDEL', KEYS[2], seq)
-redis.call('ZREM', KEYS[1], seq)
-redis.call('HDEL', KEYS[3], seq)
-return {seq}
-"""
-
-# KEYS: seqs, rows, deliveries.  ARGV: after, limit.  Returns seq, row,
-# deliveries for each message, flat, in order.
-_READ = """
-local seqs = redis.call('ZRANGE', KEYS[1], '(' .. ARGV[1], '+inf', 'BYSCORE',
-                        'LIMIT', 0, tonumber(ARGV[2]))
-local out = {}
-for i = 1, #seqs do
-  local seq = seqs[i]
-  out[#out + 1] = seq
-  out[#out + 1] = redis.call('HGET', KEYS[2], seq) or ''
-  out[#out + 1] = redis.call('HGET', KEYS[3], seq) or '0'
-end
-return out
-"""
 
 # KEYS: the lock.  ARGV: token, milliseconds.  1 if the lock was ours and
 # is renewed, 0 if another broker has it now.
@@ -257,9 +169,9 @@ class RedisStore(GroupCommit):
         self._client = client
         self._token = token
         self._lost = False
-        self._remove = client.register_script(_REMOVE)
-        self._remove_by_id = client.register_script(_REMOVE_BY_ID)
-        self._read = client.register_script(_READ)
+        self._remove = client.register_script(layout.REMOVE)
+        self._remove_by_id = client.register_script(layout.REMOVE_BY_ID)
+        self._read = client.register_script(layout.READ)
         self._renew_lock = client.register_script(_RENEW)
         self._renewing = task.LoopingCall(self._renew)
         self._renewing.clock = clock
@@ -318,13 +230,13 @@ class RedisStore(GroupCommit):
             state.next_qid = max(state.next_qid, qid + 1)
         live = state.live
         for qid, queue in queues.items():
-            seqs = _keys(qid)[0]
+            seqs = layout.keys(qid)[0]
             count = client.zcard(seqs)
             if not count:
                 continue
             last = client.zrange(seqs, -1, -1)
             state.seq = max(state.seq, int(last[0]))
-            rows = _read_entries(client, self._read, qid, 0, self.window)
+            rows = layout.read_entries(client, self._read, qid, 0, self.window)
             for message, deliveries, dead in rows:
                 if message.id in queue:
                     # Published again after the dedupe window while the
@@ -390,16 +302,18 @@ class RedisStore(GroupCommit):
     def load_entries(self, queue, after, limit, wait=False):
         if wait:
             return self._after_writes(
-                _read_entries, self._read, queue.qid, after, limit
+                layout.read_entries, self._read, queue.qid, after, limit
             )
         # As with SQLite: transactions apply in order, so what of a queue's
         # tail is written is its oldest part, and the rest is read later.
         return self._run(
-            _read_entries, self._client, self._read, queue.qid, after, limit
+            layout.read_entries, self._client, self._read, queue.qid, after, limit
         )
 
     def remove_by_id(self, queue, message_id):
-        return self._after_writes(_remove_id, self._remove_by_id, queue.qid, message_id)
+        return self._after_writes(
+            layout.remove_id, self._remove_by_id, queue.qid, message_id
+        )
 
     # Writing
 
@@ -496,36 +410,15 @@ def _take_lock(client, token, name, wait):
         time.sleep(0.2)
 
 
-def _read_entries(client, script, qid, after, limit):
-    """
-    Up to C{limit} messages of queue C{qid} after sequence number C{after},
-    in order: C{(Message, deliveries, dead)}.
-    """
-    seqs, rows, deliveries, _ = _keys(qid)
-    flat = script(keys=[seqs, rows, deliveries], args=[after, limit], client=client)
-    return [
-        _message(int(flat[i]), flat[i + 1], flat[i + 2])
-        for i in range(0, len(flat), 3)
-        if flat[i + 1]
-    ]
-
-
-def _remove_id(client, script, qid, message_id):
-    return [int(seq) for seq in script(keys=_keys(qid), args=[message_id])]
-
-
 def _write(client, remove, ops, now, durable):
     """
-    Apply a batch of changes in one MULTI/EXEC (on the writer thread).
+    Apply a batch of changes (on the writer thread), and wait for the
+    sync and the replica if C{durable} says so.
 
     @return: the seconds it took, the durable wait included.
     """
     started = time.perf_counter()
-    pipe = client.pipeline(transaction=True)
-    for op, rows in coalesce(ops):
-        _WRITERS[op](pipe, remove, rows)
-    pipe.zremrangebyscore(DEDUPE_KEY, "-inf", now)
-    pipe.execute()
+    layout.write(client, remove, ops, now)
     if durable is not None:
         _wait_durable(client, *durable)
     return time.perf_counter() - started
@@ -539,82 +432,3 @@ def _wait_durable(client, how, replica):
             raise OSError("Redis did not sync the write in time (WAITAOF)")
     elif replica and client.execute_command("WAIT", 1, timeout) < 1:
         raise OSError("no Redis replica took the write in time (WAIT)")
-
-
-def _by_queue(rows, qid_at):
-    grouped = {}
-    for row in rows:
-        grouped.setdefault(row[qid_at], []).append(row)
-    return grouped.items()
-
-
-def _save_queue(pipe, remove, rows):
-    for qid, client_id, event, subscribed, flt, max_length in rows:
-        fields = [client_id, event, bool(subscribed), flt, max_length]
-        pipe.hset(QUEUES_KEY, qid, json.dumps(fields))
-
-
-def _drop_entries(pipe, remove, rows):
-    for (qid,) in rows:
-        pipe.delete(*_keys(qid))
-
-
-def _drop_queue(pipe, remove, rows):
-    for (qid,) in rows:
-        pipe.hdel(QUEUES_KEY, qid)
-
-
-def _add_entries(pipe, remove, rows):
-    for qid, entries in _by_queue(rows, 0):
-        seqs, rows_key, deliveries_key, ids = _keys(qid)
-        pipe.zadd(seqs, {seq: seq for _, seq, *_ in entries})
-        pipe.hset(
-            rows_key,
-            mapping={
-                seq: _row(message_id, event, payload, time_, expires, reason, died)
-                for (
-                    _,
-                    seq,
-                    message_id,
-                    event,
-                    payload,
-                    time_,
-                    expires,
-                    _,
-                    reason,
-                    died,
-                ) in entries
-            },
-        )
-        pipe.hset(ids, mapping={entry[2]: entry[1] for entry in entries})
-        sent = {entry[1]: entry[7] for entry in entries if entry[7]}
-        if sent:
-            pipe.hset(deliveries_key, mapping=sent)
-
-
-def _delivered(pipe, remove, rows):
-    for qid, updates in _by_queue(rows, 1):
-        pipe.hset(_keys(qid)[2], mapping={seq: count for count, _, seq in updates})
-
-
-def _remove_entries(pipe, remove, rows):
-    for qid, removed in _by_queue(rows, 0):
-        remove(keys=_keys(qid), args=[seq for _, seq in removed], client=pipe)
-
-
-def _remember(pipe, remove, rows):
-    pipe.zadd(DEDUPE_KEY, dict(rows))
-
-
-# The SQLite store's statements name the kinds of change (they are what
-# caps.store.batch folds); here each kind is written as Redis commands.
-_WRITERS = {
-    SAVE_QUEUE: _save_queue,
-    DROP_ENTRIES: _drop_entries,
-    DROP_QUEUE: _drop_queue,
-    ADD_ENTRY: _add_entries,
-    MOVE_ENTRY: _add_entries,
-    DELIVERED: _delivered,
-    REMOVE_ENTRY: _remove_entries,
-    REMEMBER_ID: _remember,
-}
