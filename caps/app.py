@@ -17,7 +17,7 @@ from twisted.logger import (
 )
 from twisted.python import usage
 
-from caps.client import CapsClient
+from caps.client import CapsClient, RotatingEndpoint
 from caps.frames import NAME
 from caps.options import positive_int
 
@@ -26,12 +26,6 @@ DEFAULT_BROKER = "tcp:localhost:3000"
 
 class AppOptions(usage.Options):
     optParameters = [
-        [
-            "broker",
-            "b",
-            DEFAULT_BROKER,
-            "The broker, as a Twisted client endpoint description.",
-        ],
         [
             "orders",
             "n",
@@ -54,18 +48,36 @@ class AppOptions(usage.Options):
         ],
     ]
 
+    def __init__(self):
+        super().__init__()
+        self["broker"] = []
+
+    def opt_broker(self, description):
+        self["broker"].append(description)
+
+    # One line: usage.Options shows a docstring's indentation as is.
+    opt_broker.__doc__ = (
+        "The broker, as a Twisted client endpoint description (repeatable: "
+        "several brokers sharing one store are tried in turn, the next one "
+        "whenever a connection fails or is lost); default " + DEFAULT_BROKER + "."
+    )
+    opt_b = opt_broker
+
     def postOptions(self):
         from twisted.internet import reactor
 
-        try:
-            clientFromString(reactor, self["broker"])
-        except Exception as e:
-            # The tls: parser reads its trust roots: a file instead of a
-            # directory, or a missing one, fails here.
-            raise usage.UsageError(
-                f"bad --broker {self['broker']!r}: {e} (tls: takes "
-                "trustRoots=DIR, a directory of .pem files)"
-            ) from None
+        if not self["broker"]:
+            self["broker"] = [DEFAULT_BROKER]
+        for description in self["broker"]:
+            try:
+                clientFromString(reactor, description)
+            except Exception as e:
+                # The tls: parser reads its trust roots: a file instead of a
+                # directory, or a missing one, fails here.
+                raise usage.UsageError(
+                    f"bad --broker {description!r}: {e} (tls: takes "
+                    "trustRoots=DIR, a directory of .pem files)"
+                ) from None
         self["password"] = os.environ.get("CAPS_PASSWORD") or None
         if self["password-file"] is not None:
             try:
@@ -83,6 +95,17 @@ def check_name(value, option):
             f"{option} {value!r} is not a valid clientId "
             "(1 to 64 of A-Z a-z 0-9 . _ : -, starting with a letter or digit)"
         )
+
+
+def broker_endpoint(reactor, descriptions):
+    """
+    The client endpoint for the brokers of C{--broker}: the one's own, or a
+    L{RotatingEndpoint} that tries several in turn.
+    """
+    endpoints = [clientFromString(reactor, d) for d in descriptions]
+    if len(endpoints) == 1:
+        return endpoints[0]
+    return RotatingEndpoint(endpoints, names=descriptions)
 
 
 def parse(options, argv):
@@ -125,7 +148,7 @@ def run(reactor, options, build, client_id):
         ],
         redirectStandardIO=False,
     )
-    endpoint = clientFromString(reactor, options["broker"])
+    endpoint = broker_endpoint(reactor, options["broker"])
     credentials = None
     if options["password"]:
         credentials = (options["login"] or client_id, options["password"])

@@ -1,16 +1,20 @@
 """
 Tests for the vendor and driver apps, against a broker in memory with time
-driven by a fake clock.
+driven by a fake clock, and once as processes against a real broker.
 """
 
 import json
 import re
+import socket
+import subprocess
+import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from caps import driver, vendor
 
 from .helpers import MemoryNetwork
+from .processes import RunningBroker
 
 ORDER = re.compile(r"placed order (\S+)")
 THANKS = re.compile(r"Thank you for delivering (\S+)")
@@ -163,7 +167,7 @@ class OptionsTests(SynchronousTestCase):
             (options["store"], options["interval"], options["orders"]),
             ("1-800-flowers", 0.5, 3),
         )
-        self.assertEqual(options["broker"], "tcp:localhost:3000")
+        self.assertEqual(options["broker"], ["tcp:localhost:3000"])
 
     def test_bad_options(self):
         """A bad store name or number is refused with a clear message."""
@@ -186,5 +190,94 @@ class OptionsTests(SynchronousTestCase):
         )
         self.assertEqual(
             (options["name"], options["delay"], options["broker"]),
-            ("bob", 0.0, "unix:/tmp/caps.sock"),
+            ("bob", 0.0, ["unix:/tmp/caps.sock"]),
         )
+
+    def test_several_brokers(self):
+        """--broker (or -b) given twice keeps both descriptions, in order."""
+        options = vendor.Options()
+        options.parseOptions(["--broker", "tcp:a:3000", "-b", "unix:/tmp/b.sock"])
+        self.assertEqual(options["broker"], ["tcp:a:3000", "unix:/tmp/b.sock"])
+
+    def test_bad_second_broker(self):
+        """A bad second --broker description is a usage error that names it."""
+        from caps import app
+
+        with self.assertRaises(SystemExit) as caught:
+            app.parse(
+                driver.Options(), ["--broker", "tcp:a:3000", "--broker", "nope:x"]
+            )
+        message = str(caught.exception.code)
+        self.assertIn("error: bad --broker 'nope:x'", message)
+
+    def test_one_broker_endpoint(self):
+        """One --broker gives its own endpoint, as before; several give a RotatingEndpoint over them, in order."""
+        from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
+        from twisted.internet.testing import MemoryReactor
+
+        from caps import app
+        from caps.client import RotatingEndpoint
+
+        reactor = MemoryReactor()
+        one = app.broker_endpoint(reactor, ["tcp:localhost:3000"])
+        self.assertIsInstance(one, TCP4ClientEndpoint)
+        several = app.broker_endpoint(
+            reactor, ["tcp:localhost:3000", "unix:/tmp/b.sock"]
+        )
+        self.assertIsInstance(several, RotatingEndpoint)
+        self.assertEqual(several.names, ["tcp:localhost:3000", "unix:/tmp/b.sock"])
+        self.assertEqual(
+            [type(e) for e in several._endpoints],
+            [TCP4ClientEndpoint, UNIXClientEndpoint],
+        )
+
+
+class AppProcessTests(SynchronousTestCase):
+    """
+    The real apps, as processes, against a real broker on 127.0.0.1.
+    """
+
+    def test_vendor_skips_a_dead_broker(self):
+        """A vendor given a dead broker first and a live one second still places its order, and sees it delivered."""
+        with socket.socket() as dead:
+            # Bound but not listening: connections to it are refused.
+            dead.bind(("127.0.0.1", 0))
+            dead_port = dead.getsockname()[1]
+            broker = RunningBroker("memory")
+            self.addCleanup(broker.stop)
+            host, port = broker.address
+            live = f"tcp:{host}:{port}"
+            driver_app = self.app("driver", "--broker", live, "--delay", "0.2")
+            vendor_app = self.app(
+                "vendor",
+                "--broker",
+                f"tcp:127.0.0.1:{dead_port}",
+                "--broker",
+                live,
+                "--orders",
+                "1",
+                "--interval",
+                "0.2",
+            )
+            out, err = vendor_app.communicate(timeout=60)
+        self.assertEqual(vendor_app.returncode, 0, err)
+        [order] = ORDER.findall(out)
+        self.assertEqual(THANKS.findall(out), [order])
+        driver_app.terminate()
+        driver_app.communicate(timeout=30)
+
+    def app(self, module, *args):
+        process = subprocess.Popen(
+            [sys.executable, "-m", f"caps.{module}", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.addCleanup(_kill, process)
+        return process
+
+
+def _kill(process):
+    if process.poll() is None:
+        process.kill()
+        process.communicate()
