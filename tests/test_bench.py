@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from caps import bench
+from caps import bench, redisserver
 from caps.bench import load as benchload
 from caps.bench import report as benchreport
 from caps.relay import FastRelay, Relay, RelayFactory
@@ -31,6 +31,8 @@ STORES = ["relay", "relay-fast", "memory", "memory-no-event-log"]
 STORES += ["sqlite-full", "sqlite-normal"]
 if not HAVE_ORJSON:
     STORES.remove("relay-fast")
+if redisserver.AVAILABLE:
+    STORES += ["redis", "redis-durable"]
 
 
 def run_bench(case, *args):
@@ -72,6 +74,10 @@ class BenchSmokeTests(SynchronousTestCase):
             self.assertEqual(row["messages"], bench.QUICK["messages"])
             for key in ("msgs_per_s", "broker_cpu_us_per_msg", "cpu_vs_relay"):
                 self.assertGreater(row[key], 0, row)
+            if row["store"] in bench.REDIS_SERVERS:
+                self.assertGreater(row["store_cpu_us_per_msg"], 0, row)
+            else:
+                self.assertIsNone(row["store_cpu_us_per_msg"], row)
         for row in report["latency"]:
             figures = [row[k] for k in ("p50_ms", "p90_ms", "p99_ms", "p99_9_ms")]
             self.assertEqual(figures, sorted(figures), row)
@@ -108,10 +114,10 @@ class BenchSmokeTests(SynchronousTestCase):
 
 
 class OptionsTests(SynchronousTestCase):
-    def settings(self, *argv, fd_limit=20_000, orjson_present=True):
+    def settings(self, *argv, fd_limit=20_000, orjson_present=True, redis_missing=None):
         options = bench.Options()
         options.parseOptions(argv)
-        return bench.settings_from(options, fd_limit, orjson_present)
+        return bench.settings_from(options, fd_limit, orjson_present, redis_missing)
 
     def test_defaults(self):
         """Without options every store runs, with the issue's numbers."""
@@ -131,7 +137,7 @@ class OptionsTests(SynchronousTestCase):
 
     def test_unknown_store(self):
         """An unknown store name is a usage error."""
-        self.assertRaises(usage.UsageError, self.settings, "--store", "redis")
+        self.assertRaises(usage.UsageError, self.settings, "--store", "mongodb")
 
     def test_scaling_sizes(self):
         """--scaling-sizes is a comma list of positive counts, used with --scaling."""
@@ -151,6 +157,16 @@ class OptionsTests(SynchronousTestCase):
         settings, notes = self.settings(orjson_present=False)
         self.assertNotIn("relay-fast", settings["stores"])
         self.assertIn("orjson", notes[0])
+
+    def test_without_redis(self):
+        """Where Redis cannot run, the Redis stores are left out, and a note says why."""
+        settings, notes = self.settings(redis_missing="redis-server is not installed")
+        self.assertNotIn("redis", settings["stores"])
+        self.assertNotIn("redis-durable", settings["stores"])
+        self.assertIn("memory", settings["stores"])
+        self.assertEqual(
+            notes, ["the Redis stores skipped: redis-server is not installed"]
+        )
 
 
 class ReportTests(SynchronousTestCase):

@@ -8,7 +8,8 @@ The benchmark: run it on your own machine (Linux: it reads /proc).
     python -m caps.bench --scaling --store memory  # and at 10k, 100k, 1M messages
     python -m caps.bench --stall                 # what commits do to the reactor
 
-Each store (memory, memory-no-event-log, sqlite-full, sqlite-normal) gets
+Each store (memory, memory-no-event-log, sqlite-full, sqlite-normal, redis,
+redis-durable) gets
 a real broker (twistd caps-broker) on loopback (one for throughput and
 latency, a fresh one for catch-up and another for connections), driven by
 raw-socket clients in processes of their own.  First come
@@ -29,6 +30,10 @@ the broker's default) acknowledges every one.
   broker CPU µs/msg    the broker process's own CPU time (all threads,
                        from /proc) over the run, per message: publish,
                        delivery and acknowledgement.  The steadiest figure.
+  Redis CPU µs/msg     with a Redis store, the CPU time of its Redis
+                       server (a process of its own on loopback, started
+                       by the benchmark: fsync every second for redis,
+                       before every answer for redis-durable) per message.
   CPU vs relay         broker CPU per message over the lowest relay's in
                        the same run; msgs/s vs relay: msgs/s over the
                        highest relay's.
@@ -83,6 +88,7 @@ import tempfile
 
 from twisted.python import usage
 
+from caps import redisserver
 from caps.bench import load
 from caps.bench import report as report_
 from caps.bench.broker import broker_process, peak_rss_bytes, raise_fd_limit
@@ -96,6 +102,7 @@ from caps.bench.measure import (
 )
 from caps.bench.stall import run_stall
 from caps.options import positive_int
+from caps.redisserver import RedisServer
 
 # The relays first: every other row is compared with them.  A relay's
 # arguments go to caps.relay, a store's to twistd caps-broker.
@@ -107,6 +114,15 @@ STORES = {
     "memory-no-event-log": ("--store", "memory", "--no-event-log"),
     "sqlite-full": ("--store", "sqlite:{dir}/bench.sqlite3", "--sync", "full"),
     "sqlite-normal": ("--store", "sqlite:{dir}/bench.sqlite3", "--sync", "normal"),
+    "redis": ("--store", "{redis}"),
+    "redis-durable": ("--store", "{redis}", "--redis-durable"),
+}
+# The Redis server each Redis store runs on (caps.redisserver: loopback,
+# an append-only file): Redis's usual fsync every second, or before every
+# answer for --redis-durable.
+REDIS_SERVERS = {
+    "redis": ("--appendfsync", "everysec"),
+    "redis-durable": ("--appendfsync", "always"),
 }
 SCALING_STORE = "memory"
 SECTIONS = ("throughput", "latency", "drain", "connections")
@@ -144,9 +160,18 @@ def running(name, *extra):
     A broker (or relay) for store C{name}, stopped on the way out, with a
     C{start(target, *args)} that starts a client process, stopped too.
     """
-    with tempfile.TemporaryDirectory(prefix="caps-bench-") as workdir:
-        args = [a.format(dir=workdir) for a in STORES[name]] + list(extra)
-        broker = broker_process(args, relay=name in RELAYS)
+    with contextlib.ExitStack() as stack:
+        workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="caps-bench-"))
+        places = {"dir": workdir}
+        server = None
+        if name in REDIS_SERVERS:
+            server = RedisServer(*REDIS_SERVERS[name]).start()
+            stack.callback(server.stop)
+            places["redis"] = server.url
+        args = [a.format(**places) for a in STORES[name]] + list(extra)
+        broker = broker_process(
+            args, relay=name in RELAYS, store_pid=server and server.pid
+        )
         clients = []
 
         def start(target, *args):
@@ -276,7 +301,7 @@ class Options(usage.Options):
         self["stores"] = []
 
     def opt_store(self, names):
-        """Stores to run, comma-separated or repeated: relay, relay-fast, memory, memory-no-event-log, sqlite-full, sqlite-normal (default: all; the relays always run)."""
+        """Stores to run, comma-separated or repeated: relay, relay-fast, memory, memory-no-event-log, sqlite-full, sqlite-normal, redis, redis-durable (default: all; the relays always run; the Redis stores need redis-server and redis-py)."""
         for name in names.split(","):
             if name not in STORES:
                 raise usage.UsageError(f"--store must be among {', '.join(STORES)}")
@@ -295,10 +320,12 @@ class Options(usage.Options):
                 ) from None
 
 
-def settings_from(options, fd_limit, orjson_present=True):
+def settings_from(options, fd_limit, orjson_present=True, redis_missing=None):
     """
     The settings of a run (the options, with the defaults of --quick or
     of a full run filled in) and notes about what had to be changed.
+
+    @param redis_missing: why the Redis stores cannot run here, or L{None}.
     """
     sizes = QUICK if options["quick"] else DEFAULTS
     chosen = [name for name in STORES if name in options["stores"]] or list(STORES)
@@ -307,6 +334,9 @@ def settings_from(options, fd_limit, orjson_present=True):
     if not orjson_present:
         stores.remove("relay-fast")
         notes.append("relay-fast skipped: orjson is not installed")
+    if redis_missing and any(name in REDIS_SERVERS for name in stores):
+        stores = [name for name in stores if name not in REDIS_SERVERS]
+        notes.append(f"the Redis stores skipped: {redis_missing}")
     requested = options["connections"] or sizes["connections"]
     connections = min(requested, max(1, fd_limit - FD_SPARE))
     if connections < requested:
@@ -354,7 +384,9 @@ def main(argv):
         orjson_present = False
     else:
         orjson_present = True
-    settings, notes = settings_from(options, raise_fd_limit(), orjson_present)
+    settings, notes = settings_from(
+        options, raise_fd_limit(), orjson_present, redisserver.skip_reason
+    )
     progress = report_.Progress(len(steps(settings)))
     try:
         report, samples = run_benchmark(settings, notes, progress)

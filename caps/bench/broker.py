@@ -78,7 +78,10 @@ class BrokerProcess:
     which go into the error if it dies.
     """
 
-    def __init__(self, command, timeout=30.0):
+    def __init__(self, command, timeout=30.0, store_pid=None):
+        # The store's own server (Redis), whose CPU is reported beside
+        # the broker's; or None.
+        self.store_pid = store_pid
         raise_fd_limit()
         self.process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -166,7 +169,7 @@ class BrokerProcess:
         self.process.stdout.close()
 
 
-def broker_process(args, relay=False):
+def broker_process(args, relay=False, store_pid=None):
     """
     Start C{caps.relay} with C{args}, or a broker (twistd caps-broker)
     listening on a free loopback port with C{args}.
@@ -188,4 +191,4 @@ def broker_process(args, relay=False):
             "100000",
             *args,
         )
-    return BrokerProcess(command)
+    return BrokerProcess(command, store_pid=store_pid)

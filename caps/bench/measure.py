@@ -30,6 +30,7 @@ def measure_throughput(broker, start, messages, window):
     producer = start(load.producer, messages, window)
     producer.expect("ready")
     cpu = cpu_seconds(broker.pid)
+    store_cpu = _store_cpu(broker)
     producer.send("go")
     sent = producer.expect("done", allowed(messages))
     got = consumer.expect("done", allowed(messages))
@@ -40,7 +41,24 @@ def measure_throughput(broker, start, messages, window):
         "seconds": seconds,
         "msgs_per_s": messages / seconds,
         "broker_cpu_us_per_msg": cpu / messages * 1e6,
+        "store_cpu_us_per_msg": _per_message(broker, store_cpu, messages),
     }
+
+
+def _store_cpu(broker):
+    """
+    CPU time of the broker's store server so far (Redis), or L{None}.
+    """
+    return cpu_seconds(broker.store_pid) if broker.store_pid else None
+
+
+def _per_message(broker, before, messages):
+    """
+    The store server's CPU µs per message since C{before}, or L{None}.
+    """
+    if before is None:
+        return None
+    return (cpu_seconds(broker.store_pid) - before) / messages * 1e6
 
 
 def measure_latency(broker, start, messages, rate):
@@ -82,6 +100,7 @@ def measure_drain(broker, start, backlog, window):
     consumer = start(load.consumer, backlog, False, True)
     consumer.expect("ready")
     cpu = cpu_seconds(broker.pid)
+    store_cpu = _store_cpu(broker)
     consumer.send("go")
     got = consumer.expect("done", allowed(backlog))
     cpu = cpu_seconds(broker.pid) - cpu
@@ -90,6 +109,7 @@ def measure_drain(broker, start, backlog, window):
         "publish_msgs_per_s": backlog / ((sent["end"] - sent["start"]) / 1e9),
         "drain_msgs_per_s": backlog / ((got["end"] - got["start"]) / 1e9),
         "drain_cpu_us_per_msg": cpu / backlog * 1e6,
+        "drain_store_cpu_us_per_msg": _per_message(broker, store_cpu, backlog),
         "rss_before_mb": rss_before / MB,
         "rss_queued_mb": rss_queued / MB,
         "bytes_per_queued_msg": (rss_queued - rss_before) / backlog,
@@ -126,6 +146,7 @@ def no_drain(backlog):
         "publish_msgs_per_s": None,
         "drain_msgs_per_s": None,
         "drain_cpu_us_per_msg": None,
+        "drain_store_cpu_us_per_msg": None,
         "rss_before_mb": None,
         "rss_queued_mb": None,
         "bytes_per_queued_msg": None,
