@@ -17,9 +17,10 @@ from twisted.logger import (
 )
 from twisted.python import usage
 
-from caps.client import CapsClient, RotatingEndpoint
+from caps.client import CapsClient
 from caps.frames import NAME
 from caps.options import positive_int
+from caps.rotating import RotatingEndpoint
 
 DEFAULT_BROKER = "tcp:localhost:3000"
 

@@ -216,7 +216,7 @@ class OptionsTests(SynchronousTestCase):
         from twisted.internet.testing import MemoryReactor
 
         from caps import app
-        from caps.client import RotatingEndpoint
+        from caps.rotating import RotatingEndpoint
 
         reactor = MemoryReactor()
         one = app.broker_endpoint(reactor, ["tcp:localhost:3000"])

@@ -1,5 +1,5 @@
 """
-Tests for caps.client.RotatingEndpoint: alone, against fake endpoints, and
+Tests for caps.rotating.RotatingEndpoint: alone, against fake endpoints, and
 under a L{CapsClient} moving between two brokers in memory, with time driven
 by a fake clock; and once over real TLS on the real reactor.
 
@@ -28,7 +28,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from caps.broker import Broker
-from caps.client import CapsClient, RotatingEndpoint
+from caps.client import CapsClient
+from caps.rotating import RotatingEndpoint
 
 from .certs import make_certificates
 from .helpers import MemoryNetwork
