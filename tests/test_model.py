@@ -55,6 +55,7 @@ What the model checks (after every step, or at the moment named):
 import json
 import os
 import tempfile
+from unittest import skipIf
 
 import attrs
 from hypothesis import settings
@@ -72,8 +73,10 @@ from twisted.logger import globalLogPublisher
 from caps.broker import Broker
 from caps.frames import DEAD_SUFFIX, encode_json
 from caps.store.memory import MemoryStore
+from caps.store.redis import LOCK_KEY, RedisStore
 from caps.store.sqlite import SQLiteStore
 
+from . import redisserver
 from .helpers import RecordingConnection
 from .test_store import synchronous
 
@@ -103,6 +106,8 @@ SETTINGS = settings(
     deadline=None,
     database=None,
 )
+# Redis is slower to talk to: fewer examples.
+REDIS_SETTINGS = settings(SETTINGS, max_examples=50)
 
 
 def live_key(key):
@@ -1075,6 +1080,30 @@ class SQLiteStoreModel(_BrokerModel):
         self.scratch.cleanup()
 
 
+class RedisStoreModel(_BrokerModel):
+    """
+    On the test process's shared Redis server, emptied for each example.
+    """
+
+    def open_store(self):
+        server = redisserver.shared()
+        with server.client() as client:
+            client.flushall()
+        self.url = server.url
+        return RedisStore.open(self.url, self.clock, runner=synchronous)
+
+    def reopen_store(self, store):
+        # A dead process: nothing more is written, its lock is not renewed
+        # and expires (at once here: deleted), its connection is gone.
+        store._renewing.stop()
+        store._client.delete(LOCK_KEY)
+        store._client.close()
+        return RedisStore.open(self.url, self.clock, runner=synchronous)
+
+    def close_store(self):
+        self.store.close()
+
+
 class MemoryStoreModelTests(MemoryStoreModel.TestCase):
     settings = SETTINGS
 
@@ -1088,4 +1117,13 @@ class SQLiteStoreModelTests(SQLiteStoreModel.TestCase):
 
     def test_model(self):
         """Random operations on a broker with the SQLite store, restarts reopening the file, keep it in line with the model."""
+        self.runTest()
+
+
+@skipIf(not redisserver.AVAILABLE, redisserver.skip_reason)
+class RedisStoreModelTests(RedisStoreModel.TestCase):
+    settings = REDIS_SETTINGS
+
+    def test_model(self):
+        """Random operations on a broker with the Redis store, restarts reopening the database as a dead broker left it, keep it in line with the model."""
         self.runTest()
