@@ -51,10 +51,12 @@ class GroupCommit:
         self._writing = None
         self._call = None
         self._closed = False
+        # Writing stopped for good (see stop_writing)
+        self._stopped = False
         self.commit_observers = []
 
     def _record(self, op, params):
-        if self._closed:
+        if self._closed or self._stopped:
             return
         self._ops.append((op, params))
         if self._call is None and self._writing is None:
@@ -103,7 +105,7 @@ class GroupCommit:
 
     def _flush(self):
         self._call = None
-        if self._writing is not None or not self._ops:
+        if self._writing is not None or not self._ops or self._stopped:
             return
         self._writing = (self._ops, self._waiters)
         self._ops, self._waiters = [], []
@@ -114,6 +116,12 @@ class GroupCommit:
         ops, waiters = self._writing
         self._writing = None
         if isinstance(result, Failure):
+            if self._gives_up(result):
+                self.stop_writing()
+            if self._stopped:
+                for waiter in waiters:
+                    waiter.errback(StoreUnavailable(UNAVAILABLE))
+                return None
             if self.available:
                 self.log.failure(
                     "cannot write to store {store}; retrying every {delay} s",
@@ -129,7 +137,7 @@ class GroupCommit:
             if not self._closed:
                 self._call = self.clock.callLater(RETRY_DELAY, self._flush)
             return None
-        if not self.available:
+        if not self.available and not self._stopped:
             self.log.info("store {store} is writable again", store=self.name)
             self.available = True
         self._observe(result)
@@ -138,6 +146,30 @@ class GroupCommit:
         if self._ops and self._call is None:
             self._flush()
         return None
+
+    def _gives_up(self, failure):
+        """
+        Whether a failed write means the store must never write again
+        (say, another broker has taken it); by default no: it is retried.
+        """
+        return False
+
+    def stop_writing(self):
+        """
+        Never write again: drop the changes not written yet, fail every
+        wait for them, and stay unavailable (the broker refuses changes).
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        self.available = False
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self._ops = []
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.errback(StoreUnavailable(UNAVAILABLE))
 
     def _observe(self, seconds):
         """

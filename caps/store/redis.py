@@ -52,16 +52,34 @@ WINDOW = 10_000
 # A broker killed without closing holds the store until it expires.
 LOCK_TTL = 5.0
 LOCK_RENEW = 1.0
+LOCK_MS = int(LOCK_TTL * 1000)
+# Counts the brokers that took the lock: a broker whose lock expired (it
+# was cut off from Redis) takes it again only if nobody took it meanwhile.
+EPOCH_KEY = "caps:lock:epoch"
 # Seconds a durable write waits for the sync and the replica.
 DURABLE_TIMEOUT = 5.0
 SCHEMES = ("redis", "rediss", "unix")
 
+# KEYS: the lock, the epoch.  ARGV: token, milliseconds.  The new epoch if
+# the lock was free and is taken, else nothing.
+_TAKE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('INCR', KEYS[2])
+end
+return false
+"""
 
-# KEYS: the lock.  ARGV: token, milliseconds.  1 if the lock was ours and
-# is renewed, 0 if another broker has it now.
+# KEYS: the lock, the epoch.  ARGV: token, milliseconds, epoch.  1 if the
+# lock is this broker's (renewed, or taken again after it expired with no
+# other broker taking it since), 0 if not.
 _RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder and redis.call('GET', KEYS[2]) == ARGV[3] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return 1
 end
 return 0
@@ -74,6 +92,12 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+class LockLost(Exception):
+    """
+    Another broker holds the store's lock: this one must not write.
+    """
 
 
 def shown(url):
@@ -160,15 +184,23 @@ class RedisStore(GroupCommit):
     """
 
     def __init__(
-        self, url, clock, client, token, runner=None, window=WINDOW, durable=None
+        self,
+        url,
+        clock,
+        client,
+        lease,
+        runner=None,
+        window=WINDOW,
+        durable=None,
     ):
         super().__init__(clock, runner)
         self.name = shown(url)
         self.window = window
         self.durable = durable
         self._client = client
-        self._token = token
-        self._lost = False
+        # (token, epoch): this broker's lock, and the count of brokers
+        # that had taken it when this one did.
+        self._token, self._epoch = lease
         self._remove = client.register_script(layout.REMOVE)
         self._remove_by_id = client.register_script(layout.REMOVE_BY_ID)
         self._read = client.register_script(layout.READ)
@@ -202,14 +234,14 @@ class RedisStore(GroupCommit):
         try:
             _check_layout(client, name)
             how = _check_durable(client, name) if durable else None
-            _take_lock(client, token, name, lock_wait)
+            epoch = _take_lock(client, token, name, lock_wait)
         except redis.RedisError as e:
             client.close()
             raise StoreError(f"caps-broker: cannot open store {name}: {e}") from None
         except StoreError:
             client.close()
             raise
-        return cls(url, clock, client, token, runner, window, how)
+        return cls(url, clock, client, (token, epoch), runner, window, how)
 
     def load(self):
         state = State()
@@ -318,26 +350,39 @@ class RedisStore(GroupCommit):
     # Writing
 
     def _write_batch(self, ops, now):
-        return _write(self._client, self._remove, ops, now, self.durable)
+        return _write(self._client, self._remove, self._token, ops, now, self.durable)
+
+    def _gives_up(self, failure):
+        return failure.check(LockLost) is not None
+
+    def stop_writing(self):
+        if not self._stopped:
+            self.log.critical(
+                "store {store}: another broker holds its lock now; this broker "
+                "stops writing to it and refuses changes until restarted",
+                store=self.name,
+            )
+            if self._renewing.running:
+                self._renewing.stop()
+        super().stop_writing()
 
     def _renew(self):
         """
-        Keep the lock; if another broker has taken it (this one was cut off
-        from Redis for longer than L{LOCK_TTL}), stop writing: two brokers
-        writing one store would lose messages.
+        Keep the lock, or take it again if it expired while this broker was
+        cut off from Redis and no other broker took it meanwhile.  If one
+        did, stop writing: two brokers writing one store would lose
+        messages.
         """
-        d = self._run(self._renew_lock, [LOCK_KEY], [self._token, int(LOCK_TTL * 1000)])
+        d = self._run(
+            self._renew_lock,
+            [LOCK_KEY, EPOCH_KEY],
+            [self._token, LOCK_MS, self._epoch],
+        )
         d.addCallbacks(self._renewed, self._renew_failed)
 
     def _renewed(self, ours):
         if not ours and not self._closed:
-            self.log.critical(
-                "store {store}: another broker holds its lock now; "
-                "this broker stops writing to it",
-                store=self.name,
-            )
-            self.available = False
-            self._lost = self._closed = True
+            self.stop_writing()
 
     def _renew_failed(self, failure):
         self.log.warn(
@@ -349,7 +394,7 @@ class RedisStore(GroupCommit):
     def _release(self):
         if self._renewing.running:
             self._renewing.stop()
-        if not self._lost:
+        if not self._stopped:
             try:
                 self._client.eval(_UNLOCK, 1, LOCK_KEY, self._token)
             except Exception as e:
@@ -398,9 +443,12 @@ def _take_lock(client, token, name, wait):
     """
     Take the store's lock, waiting up to C{wait} seconds for it to expire
     if another broker holds it.
+
+    @return: the lock's epoch: how many times a broker has taken it.
     """
+    take = client.register_script(_TAKE)
     deadline = time.monotonic() + wait
-    while not client.set(LOCK_KEY, token, nx=True, px=int(LOCK_TTL * 1000)):
+    while (epoch := take(keys=[LOCK_KEY, EPOCH_KEY], args=[token, LOCK_MS])) is None:
         if time.monotonic() >= deadline:
             holder = client.get(LOCK_KEY)
             holder = holder.decode("utf-8", "replace") if holder else "unknown"
@@ -408,17 +456,32 @@ def _take_lock(client, token, name, wait):
                 f"caps-broker: store {name} is in use by another broker ({holder})"
             )
         time.sleep(0.2)
+    return epoch
 
 
-def _write(client, remove, ops, now, durable):
+def _write(client, remove, token, ops, now, durable):
     """
-    Apply a batch of changes (on the writer thread), and wait for the
-    sync and the replica if C{durable} says so.
+    Apply a batch of changes (on the writer thread) if this broker still
+    holds the lock, and wait for the sync and the replica if C{durable}
+    says so.  The lock is checked under C{WATCH}, so a broker that took it
+    between the check and the write makes the write fail, not land.
 
     @return: the seconds it took, the durable wait included.
+    @raise LockLost: if another broker holds the lock.
     """
     started = time.perf_counter()
-    layout.write(client, remove, ops, now)
+    with client.pipeline(transaction=True) as pipe:
+        pipe.watch(LOCK_KEY)
+        holder = pipe.get(LOCK_KEY)
+        if holder != token.encode("utf-8"):
+            if holder is None:
+                # Expired while Redis was out of reach: the renewal takes it
+                # again if nobody else did, and the write is tried again.
+                raise OSError("the store's lock expired; taking it again")
+            raise LockLost(holder.decode("utf-8", "replace"))
+        pipe.multi()
+        layout.write(pipe, remove, ops, now)
+        pipe.execute()
     if durable is not None:
         _wait_durable(client, *durable)
     return time.perf_counter() - started

@@ -131,18 +131,17 @@ def remove_id(client, script, qid, message_id):
     return [int(seq) for seq in script(keys=keys(qid), args=[message_id])]
 
 
-def write(client, remove, ops, now):
+def write(pipe, remove, ops, now):
     """
-    Apply a batch of changes, as L{caps.store.batch.coalesce} reduces them,
-    in one MULTI/EXEC, and forget the dedupe ids expired by C{now}.
+    Queue a batch of changes, as L{caps.store.batch.coalesce} reduces them,
+    on C{pipe} (a transaction, executed by the caller), and the forgetting
+    of the dedupe ids expired by C{now}.
 
-    @param remove: the L{REMOVE} script, registered with C{client}.
+    @param remove: the L{REMOVE} script, registered with the client.
     """
-    pipe = client.pipeline(transaction=True)
     for op, rows in coalesce(ops):
         _WRITERS[op](pipe, remove, rows)
     pipe.zremrangebyscore(DEDUPE_KEY, "-inf", now)
-    pipe.execute()
 
 
 def _by_queue(rows, qid_at):
