@@ -5,8 +5,8 @@ A collector of our own reads the broker when Prometheus scrapes: the
 running totals, one series per queue for each per-queue metric (labels
 C{client_id} and C{event}, nothing per message or per connection, so the
 series grow with the number of queues only), and the number of
-connections.  The SQLite store's commit times go into a histogram as they
-happen.  Everything is registered in a L{CollectorRegistry} of this
+connections.  The SQLite and Redis stores' commit times go into a
+histogram as they happen.  Everything is registered in a L{CollectorRegistry} of this
 module's own, not prometheus_client's global one.
 
 prometheus_client's Twisted resource is a WSGI application run on the

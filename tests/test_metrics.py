@@ -7,6 +7,7 @@ import os
 import sqlite3
 import tempfile
 import urllib.request
+from unittest import skipIf
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -18,8 +19,10 @@ from caps.broker import Broker
 from caps.frames import encode_json
 from caps.metrics import BrokerCollector, metrics_registry, snapshot
 from caps.store.group import RETRY_DELAY
+from caps.store.redis import RedisStore
 from caps.store.sqlite import SQLiteStore
 
+from . import redisserver
 from .helpers import RecordingConnection
 from .processes import read, send
 from .test_admin import web_broker
@@ -205,21 +208,24 @@ class MetricsTests(SynchronousTestCase):
 
 class CommitHistogramTests(SynchronousTestCase):
     def setUp(self):
-        scratch = tempfile.TemporaryDirectory(prefix="caps-metrics-")
-        self.addCleanup(scratch.cleanup)
         self.clock = Clock()
         self.clock.advance(START)
-        self.store = SQLiteStore.open(
+        self.store = self.open_store()
+        self.broker = Broker(self.clock, store=self.store)
+
+    def open_store(self):
+        scratch = tempfile.TemporaryDirectory(prefix="caps-metrics-")
+        self.addCleanup(scratch.cleanup)
+        return SQLiteStore.open(
             os.path.join(scratch.name, "caps.sqlite3"), self.clock, runner=synchronous
         )
-        self.broker = Broker(self.clock, store=self.store)
 
     def tearDown(self):
         self.broker.stop()
         self.successResultOf(self.store.close())
 
     def test_commits_observed(self):
-        """Each group commit of the SQLite store adds one sample of its duration to caps_store_commit_seconds."""
+        """Each group commit of the store adds one sample of its duration to caps_store_commit_seconds."""
         registry = metrics_registry(self.broker)
         families = scrape(registry)
         self.assertEqual(families["caps_store_commit_seconds"].type, "histogram")
@@ -280,6 +286,18 @@ class CommitHistogramTests(SynchronousTestCase):
         self.successResultOf(waiting)
         self.assertEqual(len(seen), 1)
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+
+@skipIf(not redisserver.AVAILABLE, redisserver.skip_reason)
+class RedisCommitHistogramTests(CommitHistogramTests):
+    """
+    The same with the Redis store: its commits are MULTI/EXEC transactions.
+    """
+
+    def open_store(self):
+        server = redisserver.shared()
+        server.client().flushall()
+        return RedisStore.open(server.url, self.clock, runner=synchronous)
 
 
 class RealMetricsTests(SynchronousTestCase):
