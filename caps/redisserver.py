@@ -69,8 +69,12 @@ class RedisServer:
         its log.  Removed by L{stop}.
     """
 
-    def __init__(self, *args):
+    def __init__(self, *args, sentinel=None):
         self.args = [str(arg) for arg in args]
+        # A Sentinel's configuration (its "sentinel monitor ..." lines): run
+        # as a Sentinel, from a file Sentinel may rewrite, instead of a
+        # server.
+        self.sentinel = sentinel
         self.password = None
         for option, value in zip(self.args, self.args[1:], strict=False):
             if option == "--requirepass":
@@ -151,10 +155,18 @@ class RedisServer:
         @return: C{False} if the port was taken, C{True} once it answers.
         @raise RuntimeError: with the tail of the log, for anything else.
         """
+        if self.sentinel is None:
+            mode = ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            config = os.path.join(self.dir, "sentinel.conf")
+            if not os.path.exists(config):
+                with open(config, "w") as f:
+                    f.write(self.sentinel)
+            mode = [config, "--sentinel"]
         command = [
             "redis-server",
+            *mode,
             *("--port", str(self._port), "--bind", HOST, "--dir", self.dir),
-            *("--save", "", "--appendonly", "yes", "--appendfsync", "always"),
             *("--daemonize", "no", "--protected-mode", "yes"),
             *("--logfile", self.log_path),
             *self.args,

@@ -163,7 +163,7 @@ class IStore(Interface):
 def open_store(description, clock, sync="full", window=None, durable=False):
     """
     Open the store described by C{memory}, C{sqlite:PATH} or a Redis URL
-    (C{redis://}, C{rediss://}, C{unix://}).
+    (C{redis://}, C{rediss://}, C{unix://}, C{redis+sentinel://}).
 
     @param durable: with Redis, confirm a write only once Redis has synced
         it (and a replica has it, where there are replicas).
@@ -196,4 +196,9 @@ def is_redis(description):
     """
     Whether C{description} names a Redis store.
     """
-    return description.partition(":")[0] in ("redis", "rediss", "unix")
+    return description.partition(":")[0] in (
+        "redis",
+        "rediss",
+        "unix",
+        "redis+sentinel",
+    )

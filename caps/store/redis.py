@@ -23,7 +23,7 @@ import json
 import os
 import time
 import uuid
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from twisted.internet import task
 from zope.interface import implementer
@@ -58,7 +58,8 @@ LOCK_MS = int(LOCK_TTL * 1000)
 EPOCH_KEY = "caps:lock:epoch"
 # Seconds a durable write waits for the sync and the replica.
 DURABLE_TIMEOUT = 5.0
-SCHEMES = ("redis", "rediss", "unix")
+SENTINEL = "redis+sentinel"
+SCHEMES = ("redis", "rediss", "unix", SENTINEL)
 
 # KEYS: the lock, the epoch.  ARGV: token, milliseconds.  The new epoch if
 # the lock was free and is taken, else nothing.
@@ -102,23 +103,26 @@ class LockLost(Exception):
 
 def shown(url):
     """
-    C{url} without its password, for logs and errors.
+    C{url} without its password (in the user part or a C{password=}
+    query parameter), for logs and errors.
     """
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = user + host + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        parts = parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{hosts}")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(name == "password" for name, _ in query):
+        hidden = [(n, "***" if n == "password" else v) for n, v in query]
+        parts = parts._replace(query=urlencode(hidden, safe="*"))
+    return urlunsplit(parts)
 
 
 def connect(url):
     """
     A redis-py client for C{url}; the password from C{$CAPS_REDIS_PASSWORD}
-    if the URL has none.
+    if the URL has none.  A C{redis+sentinel://} URL names Sentinels and a
+    service; the client asks them for the primary, and again after a
+    failover.
 
     @raise StoreError: if the URL is not one Redis takes, or redis-py is
         not installed.
@@ -130,16 +134,54 @@ def connect(url):
             "caps-broker: --store redis:// needs the redis package "
             "(pip install 'caps-broker[redis]')"
         ) from None
-    if urlsplit(url).scheme not in SCHEMES:
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES:
         raise StoreError(f"caps-broker: not a Redis URL: {shown(url)}")
     options = {"socket_timeout": 10.0, "socket_connect_timeout": 5.0}
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    in_url = (at and ":" in userinfo) or "password=" in parts.query
     password = os.environ.get(PASSWORD_ENV)
-    if password and urlsplit(url).password is None:
+    if password and not in_url:
         options["password"] = password
     try:
+        if parts.scheme == SENTINEL:
+            return _sentinel_client(parts, options)
         return redis.Redis.from_url(url, **options)
     except ValueError as e:
         raise StoreError(f"caps-broker: bad Redis URL {shown(url)}: {e}") from None
+
+
+def _sentinel_client(parts, options):
+    """
+    The client of the primary that Sentinels watch, from
+    C{redis+sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]}:
+    the password is the primary's (the Sentinels take none here).
+    """
+    from redis.sentinel import Sentinel
+
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if at:
+        user, _, password = userinfo.partition(":")
+        if user:
+            options["username"] = user
+        if password:
+            options["password"] = password
+    sentinels = []
+    for address in hosts.split(","):
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"not HOST:PORT: {address!r}")
+        sentinels.append((host.strip("[]"), int(port)))
+    service, _, db = parts.path.strip("/").partition("/")
+    if not service or (db and not db.isdigit()):
+        raise ValueError("the path must be /SERVICE or /SERVICE/DB")
+    watchers = Sentinel(
+        sentinels,
+        sentinel_kwargs={"socket_timeout": options["socket_timeout"]},
+        socket_timeout=options["socket_timeout"],
+        socket_connect_timeout=options["socket_connect_timeout"],
+    )
+    return watchers.master_for(service, db=int(db or 0), **options)
 
 
 def _version(client):
@@ -150,17 +192,17 @@ def _version(client):
 def _check_durable(client, name):
     """
     How a durable write waits: C{"waitaof"} (Redis 7.2+) or C{"always"}
-    (the server syncs every write before it answers); and whether it
-    waits for a replica.
+    (the server syncs every write before it answers); and how many
+    replicas the server has now.
 
     @raise StoreError: if the server can do neither.
     """
     persistence = client.info("persistence")
     if not persistence.get("aof_enabled"):
         raise StoreError(f"caps-broker: --redis-durable needs appendonly yes on {name}")
-    replicas = client.info("replication").get("connected_slaves", 0)
+    replicas = _replicas(client)
     if _version(client) >= (7, 2):
-        return "waitaof", replicas > 0
+        return "waitaof", replicas
     try:
         fsync = client.config_get("appendfsync").get("appendfsync")
     except Exception:
@@ -170,7 +212,14 @@ def _check_durable(client, name):
             f"caps-broker: --redis-durable needs Redis 7.2 or later (WAITAOF), "
             f"or appendfsync always, on {name}"
         )
-    return "always", replicas > 0
+    return "always", replicas
+
+
+def _replicas(client):
+    """
+    How many replicas the primary has connected now.
+    """
+    return client.info("replication").get("connected_slaves", 0)
 
 
 @implementer(IStore)
@@ -180,7 +229,12 @@ class RedisStore(GroupCommit):
     writer thread.
 
     @ivar durable: how confirmed writes wait beyond Redis accepting them:
-        L{None}, or C{(how, replica)} as L{_check_durable} says.
+        L{None}, C{"waitaof"} or C{"always"} (see L{_check_durable}).
+    @ivar replicas: with C{durable}, how many replicas the primary had at
+        the last look (every L{LOCK_RENEW} seconds): a write waits for one
+        if there is any.  A primary that lost its replicas (say, just after
+        a failover) goes on without; to refuse writes then, set Redis's own
+        C{min-replicas-to-write}.
     """
 
     def __init__(
@@ -196,7 +250,7 @@ class RedisStore(GroupCommit):
         super().__init__(clock, runner)
         self.name = shown(url)
         self.window = window
-        self.durable = durable
+        self.durable, self.replicas = durable or (None, 0)
         self._client = client
         # (token, epoch): this broker's lock, and the count of brokers
         # that had taken it when this one did.
@@ -350,7 +404,15 @@ class RedisStore(GroupCommit):
     # Writing
 
     def _write_batch(self, ops, now):
-        return _write(self._client, self._remove, self._token, ops, now, self.durable)
+        return _write(
+            self._client,
+            self._remove,
+            self._token,
+            ops,
+            now,
+            self.durable,
+            self.replicas,
+        )
 
     def _gives_up(self, failure):
         return failure.check(LockLost) is not None
@@ -374,15 +436,20 @@ class RedisStore(GroupCommit):
         messages.
         """
         d = self._run(
+            _keep,
+            self._client,
             self._renew_lock,
-            [LOCK_KEY, EPOCH_KEY],
             [self._token, LOCK_MS, self._epoch],
+            self.durable is not None,
         )
         d.addCallbacks(self._renewed, self._renew_failed)
 
-    def _renewed(self, ours):
+    def _renewed(self, kept):
+        ours, replicas = kept
         if not ours and not self._closed:
             self.stop_writing()
+        if replicas is not None:
+            self.replicas = replicas
 
     def _renew_failed(self, failure):
         self.log.warn(
@@ -459,11 +526,11 @@ def _take_lock(client, token, name, wait):
     return epoch
 
 
-def _write(client, remove, token, ops, now, durable):
+def _write(client, remove, token, ops, now, durable, replicas):
     """
     Apply a batch of changes (on the writer thread) if this broker still
-    holds the lock, and wait for the sync and the replica if C{durable}
-    says so.  The lock is checked under C{WATCH}, so a broker that took it
+    holds the lock, and wait for the sync (if C{durable}) and a replica
+    (if there are C{replicas}).  The lock is checked under C{WATCH}, so a broker that took it
     between the check and the write makes the write fail, not land.
 
     @return: the seconds it took, the durable wait included.
@@ -483,8 +550,19 @@ def _write(client, remove, token, ops, now, durable):
         layout.write(pipe, remove, ops, now)
         pipe.execute()
     if durable is not None:
-        _wait_durable(client, *durable)
+        _wait_durable(client, durable, replicas > 0)
     return time.perf_counter() - started
+
+
+def _keep(client, renew, args, durable):
+    """
+    Renew the lock (on the writer thread); with C{durable}, also count the
+    primary's replicas.
+
+    @return: C{(ours, replicas)}, C{replicas} L{None} if not counted.
+    """
+    ours = renew(keys=[LOCK_KEY, EPOCH_KEY], args=args)
+    return ours, (_replicas(client) if durable else None)
 
 
 def _wait_durable(client, how, replica):
