@@ -29,7 +29,7 @@ from twisted.internet import task
 from zope.interface import implementer
 
 from caps.queue import Queue
-from caps.store import IStore, State, StoreError
+from caps.store import UNAVAILABLE, IStore, State, StoreError, StoreUnavailable
 from caps.store import redislayout as layout
 from caps.store.group import GroupCommit
 from caps.store.redislayout import DEDUPE_KEY, LAYOUT, LAYOUT_KEY, LOCK_KEY, QUEUES_KEY
@@ -72,14 +72,19 @@ return false
 
 # KEYS: the lock, the epoch.  ARGV: token, milliseconds, epoch.  1 if the
 # lock is this broker's (renewed, or taken again after it expired with no
-# other broker taking it since), 0 if not.
+# other broker taking it since), 0 if another broker took it, -1 if Redis
+# has lost the epoch itself (its data is gone).
 _RENEW = """
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
-if not holder and redis.call('GET', KEYS[2]) == ARGV[3] then
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  return -1
+end
+if not holder and epoch == ARGV[3] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return 1
 end
@@ -95,10 +100,31 @@ return 0
 """
 
 
+_OTHER_BROKER = "another broker holds its lock now"
+_DATA_LOST = (
+    "Redis has lost writes this broker made (restarted from an older "
+    "snapshot, or a failover to a replica that lacked them): confirmed "
+    "messages may be gone"
+)
+
+
 class LockLost(Exception):
     """
     Another broker holds the store's lock: this one must not write.
     """
+
+
+class DataLost(Exception):
+    """
+    Redis no longer has writes this broker made (it restarted from an older
+    snapshot, or failed over to a replica that had not had them): its
+    state and the broker's differ, and writing on would make it worse.
+    """
+
+
+# Counts the transactions written to the store: each write checks that
+# Redis still has every one this broker made.
+WRITTEN_KEY = "caps:written"
 
 
 def shown(url):
@@ -252,12 +278,13 @@ class RedisStore(GroupCommit):
         self.window = window
         self.durable, self.replicas = durable or (None, 0)
         self._client = client
-        # (token, epoch): this broker's lock, and the count of brokers
-        # that had taken it when this one did.
-        self._token, self._epoch = lease
-        self._remove = client.register_script(layout.REMOVE)
-        self._remove_by_id = client.register_script(layout.REMOVE_BY_ID)
-        self._read = client.register_script(layout.READ)
+        # This broker's lock, the count of brokers that had taken it when
+        # this one did, and the transactions written to the store so far
+        # (see _Written).
+        token, self._epoch, written = lease
+        self._token = token
+        self._check = _Written(token, written)
+        self._scripts = layout.Scripts(client)
         self._renew_lock = client.register_script(_RENEW)
         self._renewing = task.LoopingCall(self._renew)
         self._renewing.clock = clock
@@ -286,16 +313,19 @@ class RedisStore(GroupCommit):
         if lock_wait is None:
             lock_wait = LOCK_TTL + 1.0
         try:
+            if _version(client) < (6, 2):
+                raise StoreError(f"caps-broker: {name} runs a Redis older than 6.2")
             _check_layout(client, name)
             how = _check_durable(client, name) if durable else None
             epoch = _take_lock(client, token, name, lock_wait)
+            written = int(client.get(WRITTEN_KEY) or 0)
         except redis.RedisError as e:
             client.close()
             raise StoreError(f"caps-broker: cannot open store {name}: {e}") from None
         except StoreError:
             client.close()
             raise
-        return cls(url, clock, client, (token, epoch), runner, window, how)
+        return cls(url, clock, client, (token, epoch, written), runner, window, how)
 
     def load(self):
         state = State()
@@ -322,7 +352,7 @@ class RedisStore(GroupCommit):
                 continue
             last = client.zrange(seqs, -1, -1)
             state.seq = max(state.seq, int(last[0]))
-            rows = layout.read_entries(client, self._read, qid, 0, self.window)
+            rows = layout.read_entries(client, self._scripts, qid, 0, self.window)
             for message, deliveries, dead in rows:
                 if message.id in queue:
                     # Published again after the dedupe window while the
@@ -388,26 +418,33 @@ class RedisStore(GroupCommit):
     def load_entries(self, queue, after, limit, wait=False):
         if wait:
             return self._after_writes(
-                layout.read_entries, self._read, queue.qid, after, limit
+                layout.read_entries, self._scripts, queue.qid, after, limit
             )
         # As with SQLite: transactions apply in order, so what of a queue's
         # tail is written is its oldest part, and the rest is read later.
         return self._run(
-            layout.read_entries, self._client, self._read, queue.qid, after, limit
+            layout.read_entries, self._client, self._scripts, queue.qid, after, limit
         )
 
     def remove_by_id(self, queue, message_id):
-        return self._after_writes(
-            layout.remove_id, self._remove_by_id, queue.qid, message_id
+        d = self._after_writes(
+            _remove_id, self._scripts, self._check, queue.qid, message_id
         )
+        d.addErrback(self._removal_failed)
+        return d
+
+    def _removal_failed(self, failure):
+        if self._gives_up(failure):
+            raise StoreUnavailable(UNAVAILABLE)
+        return failure
 
     # Writing
 
     def _write_batch(self, ops, now):
         return _write(
             self._client,
-            self._remove,
-            self._token,
+            self._scripts,
+            self._check,
             ops,
             now,
             self.durable,
@@ -415,18 +452,22 @@ class RedisStore(GroupCommit):
         )
 
     def _gives_up(self, failure):
-        return failure.check(LockLost) is not None
+        if failure.check(LockLost):
+            self._stop(_OTHER_BROKER)
+        elif failure.check(DataLost):
+            self._stop(_DATA_LOST)
+        return self._stopped
 
-    def stop_writing(self):
+    def _stop(self, why):
         if not self._stopped:
             self.log.critical(
-                "store {store}: another broker holds its lock now; this broker "
-                "stops writing to it and refuses changes until restarted",
+                "store {store}: " + why + "; this broker stops writing to it and "
+                "refuses changes until it is restarted",
                 store=self.name,
             )
             if self._renewing.running:
                 self._renewing.stop()
-        super().stop_writing()
+        self.stop_writing()
 
     def _renew(self):
         """
@@ -446,8 +487,8 @@ class RedisStore(GroupCommit):
 
     def _renewed(self, kept):
         ours, replicas = kept
-        if not ours and not self._closed:
-            self.stop_writing()
+        if ours != 1 and not self._closed:
+            self._stop(_OTHER_BROKER if ours == 0 else _DATA_LOST)
         if replicas is not None:
             self.replicas = replicas
 
@@ -526,32 +567,76 @@ def _take_lock(client, token, name, wait):
     return epoch
 
 
-def _write(client, remove, token, ops, now, durable, replicas):
+class _Written:
     """
-    Apply a batch of changes (on the writer thread) if this broker still
-    holds the lock, and wait for the sync (if C{durable}) and a replica
-    (if there are C{replicas}).  The lock is checked under C{WATCH}, so a broker that took it
-    between the check and the write makes the write fail, not land.
+    What a write checks before it lands, on the writer thread: that this
+    broker holds the lock (C{token}), and that Redis has the C{count}
+    transactions written to the store so far (C{caps:written}).
+    """
 
-    @return: the seconds it took, the durable wait included.
-    @raise LockLost: if another broker holds the lock.
+    def __init__(self, token, count):
+        self.token = token.encode("utf-8")
+        self.count = count
+
+
+def _transaction(client, written, fill):
     """
-    started = time.perf_counter()
+    Run the commands C{fill(pipe)} queues as one transaction, if this broker
+    still holds the lock and Redis has every transaction written so far;
+    both are checked under C{WATCH}, so a broker that takes the lock between
+    the check and the write makes the write fail, not land.
+
+    @return: the results of the commands.
+    @raise LockLost: if another broker holds the lock.
+    @raise DataLost: if Redis has fewer transactions than were written.
+    """
     with client.pipeline(transaction=True) as pipe:
-        pipe.watch(LOCK_KEY)
-        holder = pipe.get(LOCK_KEY)
-        if holder != token.encode("utf-8"):
+        pipe.watch(LOCK_KEY, WRITTEN_KEY)
+        holder, count = pipe.mget(LOCK_KEY, WRITTEN_KEY)
+        if holder != written.token:
             if holder is None:
                 # Expired while Redis was out of reach: the renewal takes it
                 # again if nobody else did, and the write is tried again.
                 raise OSError("the store's lock expired; taking it again")
             raise LockLost(holder.decode("utf-8", "replace"))
+        if int(count or 0) != written.count:
+            raise DataLost(f"{written.count} transactions written, Redis has {count}")
         pipe.multi()
-        layout.write(pipe, remove, ops, now)
-        pipe.execute()
+        fill(pipe)
+        pipe.incr(WRITTEN_KEY)
+        results = pipe.execute()
+    written.count += 1
+    return results[:-1]
+
+
+def _write(client, scripts, written, ops, now, durable, replicas):
+    """
+    Apply a batch of changes (on the writer thread) as one checked
+    transaction, and wait for the sync (if C{durable}) and a replica (if
+    there are C{replicas}).
+
+    @return: the seconds it took, the durable wait included.
+    """
+    started = time.perf_counter()
+    _transaction(client, written, lambda pipe: layout.write(pipe, scripts, ops, now))
     if durable is not None:
         _wait_durable(client, durable, replicas > 0)
     return time.perf_counter() - started
+
+
+def _remove_id(client, scripts, written, qid, message_id):
+    """
+    Delete every copy of C{message_id} from queue C{qid} in Redis, as a
+    checked transaction; return their sequence numbers.
+    """
+    (removed,) = _transaction(
+        client,
+        written,
+        lambda pipe: scripts.remove_by_id(
+            keys=layout.keys(qid), args=[message_id], client=pipe
+        ),
+    )
+    return [int(seq) for seq in removed]
 
 
 def _keep(client, renew, args, durable):

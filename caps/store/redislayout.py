@@ -64,6 +64,30 @@ def message(seq, row, deliveries):
     )
 
 
+# The ids hash maps a messageId to the sequence numbers of its copies in
+# the queue, space-separated: usually one; two when it was published again
+# after the dedupe window while the first copy was still queued.
+
+# KEYS: seqs, rows, deliveries, ids.  ARGV: seq, messageId, row, times
+# sent, for each message.
+ADD = """
+for i = 1, #ARGV, 4 do
+  local seq, id = ARGV[i], ARGV[i + 1]
+  redis.call('ZADD', KEYS[1], seq, seq)
+  redis.call('HSET', KEYS[2], seq, ARGV[i + 2])
+  if ARGV[i + 3] ~= '0' then
+    redis.call('HSET', KEYS[3], seq, ARGV[i + 3])
+  end
+  local held = redis.call('HGET', KEYS[4], id)
+  if held and not string.find(' ' .. held .. ' ', ' ' .. seq .. ' ', 1, true) then
+    redis.call('HSET', KEYS[4], id, held .. ' ' .. seq)
+  elseif not held then
+    redis.call('HSET', KEYS[4], id, seq)
+  end
+end
+return #ARGV / 4
+"""
+
 # KEYS: seqs, rows, deliveries, ids.  ARGV: sequence numbers.
 REMOVE = """
 for i = 1, #ARGV do
@@ -72,8 +96,21 @@ for i = 1, #ARGV do
   if row then
     local stop = string.find(row, '\\n', 1, true)
     local id = cjson.decode(string.sub(row, 1, stop - 1))[1]
-    if redis.call('HGET', KEYS[4], id) == seq then
+    local held = redis.call('HGET', KEYS[4], id)
+    if held == seq then
       redis.call('HDEL', KEYS[4], id)
+    elseif held then
+      local rest = {}
+      for other in string.gmatch(held, '%S+') do
+        if other ~= seq then
+          rest[#rest + 1] = other
+        end
+      end
+      if #rest == 0 then
+        redis.call('HDEL', KEYS[4], id)
+      else
+        redis.call('HSET', KEYS[4], id, table.concat(rest, ' '))
+      end
     end
     redis.call('HDEL', KEYS[2], seq)
   end
@@ -83,18 +120,22 @@ end
 return #ARGV
 """
 
-# KEYS: seqs, rows, deliveries, ids.  ARGV: messageId.  Returns the
-# sequence numbers removed.
+# KEYS: seqs, rows, deliveries, ids.  ARGV: messageId.  Removes every copy;
+# returns their sequence numbers.
 REMOVE_BY_ID = """
-local seq = redis.call('HGET', KEYS[4], ARGV[1])
-if not seq then
+local held = redis.call('HGET', KEYS[4], ARGV[1])
+if not held then
   return {}
 end
 redis.call('HDEL', KEYS[4], ARGV[1])
-redis.call('HDEL', KEYS[2], seq)
-redis.call('ZREM', KEYS[1], seq)
-redis.call('HDEL', KEYS[3], seq)
-return {seq}
+local out = {}
+for seq in string.gmatch(held, '%S+') do
+  redis.call('HDEL', KEYS[2], seq)
+  redis.call('ZREM', KEYS[1], seq)
+  redis.call('HDEL', KEYS[3], seq)
+  out[#out + 1] = seq
+end
+return out
 """
 
 # KEYS: seqs, rows, deliveries.  ARGV: after, limit.  Returns seq, row,
@@ -113,13 +154,15 @@ return out
 """
 
 
-def read_entries(client, script, qid, after, limit):
+def read_entries(client, scripts, qid, after, limit):
     """
     Up to C{limit} messages of queue C{qid} after sequence number C{after},
     in order: C{(Message, deliveries, dead)}.
     """
     seqs, rows, deliveries, _ = keys(qid)
-    flat = script(keys=[seqs, rows, deliveries], args=[after, limit], client=client)
+    flat = scripts.read(
+        keys=[seqs, rows, deliveries], args=[after, limit], client=client
+    )
     return [
         message(int(flat[i]), flat[i + 1], flat[i + 2])
         for i in range(0, len(flat), 3)
@@ -127,20 +170,28 @@ def read_entries(client, script, qid, after, limit):
     ]
 
 
-def remove_id(client, script, qid, message_id):
-    return [int(seq) for seq in script(keys=keys(qid), args=[message_id])]
+class Scripts:
+    """
+    The Lua scripts above, registered with a client.
+    """
+
+    def __init__(self, client):
+        self.add = client.register_script(ADD)
+        self.remove = client.register_script(REMOVE)
+        self.remove_by_id = client.register_script(REMOVE_BY_ID)
+        self.read = client.register_script(READ)
 
 
-def write(pipe, remove, ops, now):
+def write(pipe, scripts, ops, now):
     """
     Queue a batch of changes, as L{caps.store.batch.coalesce} reduces them,
     on C{pipe} (a transaction, executed by the caller), and the forgetting
     of the dedupe ids expired by C{now}.
 
-    @param remove: the L{REMOVE} script, registered with the client.
+    @param scripts: the L{Scripts} of the client.
     """
     for op, rows in coalesce(ops):
-        _WRITERS[op](pipe, remove, rows)
+        _WRITERS[op](pipe, scripts, rows)
     pipe.zremrangebyscore(DEDUPE_KEY, "-inf", now)
 
 
@@ -151,61 +202,57 @@ def _by_queue(rows, qid_at):
     return grouped.items()
 
 
-def _save_queue(pipe, remove, rows):
+def _save_queue(pipe, scripts, rows):
     for qid, client_id, event, subscribed, flt, max_length in rows:
         fields = [client_id, event, bool(subscribed), flt, max_length]
         pipe.hset(QUEUES_KEY, qid, json.dumps(fields))
 
 
-def _drop_entries(pipe, remove, rows):
+def _drop_entries(pipe, scripts, rows):
     for (qid,) in rows:
         pipe.delete(*keys(qid))
 
 
-def _drop_queue(pipe, remove, rows):
+def _drop_queue(pipe, scripts, rows):
     for (qid,) in rows:
         pipe.hdel(QUEUES_KEY, qid)
 
 
-def _add_entries(pipe, remove, rows):
+def _add_entries(pipe, scripts, rows):
     for qid, entries in _by_queue(rows, 0):
-        seqs, rows_key, deliveries_key, ids = keys(qid)
-        pipe.zadd(seqs, {seq: seq for _, seq, *_ in entries})
-        pipe.hset(
-            rows_key,
-            mapping={
-                seq: row(message_id, event, payload, time_, expires, reason, died)
-                for (
-                    _,
-                    seq,
-                    message_id,
-                    event,
-                    payload,
-                    time_,
-                    expires,
-                    _,
-                    reason,
-                    died,
-                ) in entries
-            },
-        )
-        pipe.hset(ids, mapping={entry[2]: entry[1] for entry in entries})
-        sent = {entry[1]: entry[7] for entry in entries if entry[7]}
-        if sent:
-            pipe.hset(deliveries_key, mapping=sent)
+        args = []
+        for (
+            _,
+            seq,
+            message_id,
+            event,
+            payload,
+            time_,
+            expires,
+            sent,
+            reason,
+            died,
+        ) in entries:
+            args += (
+                seq,
+                message_id,
+                row(message_id, event, payload, time_, expires, reason, died),
+                sent,
+            )
+        scripts.add(keys=keys(qid), args=args, client=pipe)
 
 
-def _delivered(pipe, remove, rows):
+def _delivered(pipe, scripts, rows):
     for qid, updates in _by_queue(rows, 1):
         pipe.hset(keys(qid)[2], mapping={seq: count for count, _, seq in updates})
 
 
-def _remove_entries(pipe, remove, rows):
+def _remove_entries(pipe, scripts, rows):
     for qid, removed in _by_queue(rows, 0):
-        remove(keys=keys(qid), args=[seq for _, seq in removed], client=pipe)
+        scripts.remove(keys=keys(qid), args=[seq for _, seq in removed], client=pipe)
 
 
-def _remember(pipe, remove, rows):
+def _remember(pipe, scripts, rows):
     pipe.zadd(DEDUPE_KEY, dict(rows))
 
 
