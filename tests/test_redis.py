@@ -14,14 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from caps.broker import Broker
 from caps.frames import encode_json
 from caps.store import StoreError, StoreUnavailable, open_store
-from caps.store.redis import (
-    LAYOUT_KEY,
-    LOCK_KEY,
-    LOCK_RENEW,
-    PASSWORD_ENV,
-    RedisStore,
-    shown,
-)
+from caps.store.redis import LAYOUT_KEY, LOCK_KEY, LOCK_RENEW, RedisStore
+from caps.store.redisconnect import PASSWORD_ENV, shown
 
 from . import redisserver
 from .test_store import synchronous

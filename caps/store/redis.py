@@ -23,7 +23,6 @@ import json
 import os
 import time
 import uuid
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from twisted.internet import task
 from zope.interface import implementer
@@ -31,21 +30,14 @@ from zope.interface import implementer
 from caps.queue import Queue
 from caps.store import UNAVAILABLE, IStore, State, StoreError, StoreUnavailable
 from caps.store import redislayout as layout
+from caps.store.changes import RecordedChanges
 from caps.store.group import GroupCommit
+from caps.store.redisconnect import connect, shown, version
 from caps.store.redislayout import DEDUPE_KEY, LAYOUT, LAYOUT_KEY, LOCK_KEY, QUEUES_KEY
 from caps.store.schema import (
-    ADD_ENTRY,
-    DELIVERED,
-    DROP_ENTRIES,
-    DROP_QUEUE,
-    MOVE_ENTRY,
-    REMEMBER_ID,
-    REMOVE_ENTRY,
     SAVE_QUEUE,
 )
 
-# The password, when the URL has none: never on the command line.
-PASSWORD_ENV = "CAPS_REDIS_PASSWORD"
 # Messages of each queue kept in memory, as with SQLite.
 WINDOW = 10_000
 # Seconds the lock lasts unless renewed; renewed every LOCK_RENEW seconds.
@@ -58,8 +50,6 @@ LOCK_MS = int(LOCK_TTL * 1000)
 EPOCH_KEY = "caps:lock:epoch"
 # Seconds a durable write waits for the sync and the replica.
 DURABLE_TIMEOUT = 5.0
-SENTINEL = "redis+sentinel"
-SCHEMES = ("redis", "rediss", "unix", SENTINEL)
 
 # KEYS: the lock, the epoch.  ARGV: token, milliseconds.  The new epoch if
 # the lock was free and is taken, else nothing.
@@ -127,94 +117,6 @@ class DataLost(Exception):
 WRITTEN_KEY = "caps:written"
 
 
-def shown(url):
-    """
-    C{url} without its password (in the user part or a C{password=}
-    query parameter), for logs and errors.
-    """
-    parts = urlsplit(url)
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    if at and ":" in userinfo:
-        parts = parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{hosts}")
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    if any(name == "password" for name, _ in query):
-        hidden = [(n, "***" if n == "password" else v) for n, v in query]
-        parts = parts._replace(query=urlencode(hidden, safe="*"))
-    return urlunsplit(parts)
-
-
-def connect(url):
-    """
-    A redis-py client for C{url}; the password from C{$CAPS_REDIS_PASSWORD}
-    if the URL has none.  A C{redis+sentinel://} URL names Sentinels and a
-    service; the client asks them for the primary, and again after a
-    failover.
-
-    @raise StoreError: if the URL is not one Redis takes, or redis-py is
-        not installed.
-    """
-    try:
-        import redis
-    except ImportError:
-        raise StoreError(
-            "caps-broker: --store redis:// needs the redis package "
-            "(pip install 'caps-broker[redis]')"
-        ) from None
-    parts = urlsplit(url)
-    if parts.scheme not in SCHEMES:
-        raise StoreError(f"caps-broker: not a Redis URL: {shown(url)}")
-    options = {"socket_timeout": 10.0, "socket_connect_timeout": 5.0}
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    in_url = (at and ":" in userinfo) or "password=" in parts.query
-    password = os.environ.get(PASSWORD_ENV)
-    if password and not in_url:
-        options["password"] = password
-    try:
-        if parts.scheme == SENTINEL:
-            return _sentinel_client(parts, options)
-        return redis.Redis.from_url(url, **options)
-    except ValueError as e:
-        raise StoreError(f"caps-broker: bad Redis URL {shown(url)}: {e}") from None
-
-
-def _sentinel_client(parts, options):
-    """
-    The client of the primary that Sentinels watch, from
-    C{redis+sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]}:
-    the password is the primary's (the Sentinels take none here).
-    """
-    from redis.sentinel import Sentinel
-
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    if at:
-        user, _, password = userinfo.partition(":")
-        if user:
-            options["username"] = user
-        if password:
-            options["password"] = password
-    sentinels = []
-    for address in hosts.split(","):
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"not HOST:PORT: {address!r}")
-        sentinels.append((host.strip("[]"), int(port)))
-    service, _, db = parts.path.strip("/").partition("/")
-    if not service or (db and not db.isdigit()):
-        raise ValueError("the path must be /SERVICE or /SERVICE/DB")
-    watchers = Sentinel(
-        sentinels,
-        sentinel_kwargs={"socket_timeout": options["socket_timeout"]},
-        socket_timeout=options["socket_timeout"],
-        socket_connect_timeout=options["socket_connect_timeout"],
-    )
-    return watchers.master_for(service, db=int(db or 0), **options)
-
-
-def _version(client):
-    text = client.info("server").get("redis_version", "0")
-    return tuple(int(part) for part in str(text).split(".")[:2] if part.isdigit())
-
-
 def _check_durable(client, name):
     """
     How a durable write waits: C{"waitaof"} (Redis 7.2+) or C{"always"}
@@ -227,7 +129,7 @@ def _check_durable(client, name):
     if not persistence.get("aof_enabled"):
         raise StoreError(f"caps-broker: --redis-durable needs appendonly yes on {name}")
     replicas = _replicas(client)
-    if _version(client) >= (7, 2):
+    if version(client) >= (7, 2):
         return "waitaof", replicas
     try:
         fsync = client.config_get("appendfsync").get("appendfsync")
@@ -249,7 +151,7 @@ def _replicas(client):
 
 
 @implementer(IStore)
-class RedisStore(GroupCommit):
+class RedisStore(GroupCommit, RecordedChanges):
     """
     The broker's state in a Redis database, written in groups by one
     writer thread.
@@ -313,7 +215,7 @@ class RedisStore(GroupCommit):
         if lock_wait is None:
             lock_wait = LOCK_TTL + 1.0
         try:
-            if _version(client) < (6, 2):
+            if version(client) < (6, 2):
                 raise StoreError(f"caps-broker: {name} runs a Redis older than 6.2")
             _check_layout(client, name)
             how = _check_durable(client, name) if durable else None
@@ -353,19 +255,7 @@ class RedisStore(GroupCommit):
             last = client.zrange(seqs, -1, -1)
             state.seq = max(state.seq, int(last[0]))
             rows = layout.read_entries(client, self._scripts, qid, 0, self.window)
-            for message, deliveries, dead in rows:
-                if message.id in queue:
-                    # Published again after the dedupe window while the
-                    # first was in the store only: the later one is a
-                    # duplicate.
-                    self._record(REMOVE_ENTRY, (qid, message.seq))
-                    continue
-                entry = queue.append(message, deliveries)
-                entry.dead = dead
-                live[message.id] = live.get(message.id, 0) + 1
-            if rows:
-                queue.last_seq = rows[-1][0].seq
-            queue.spilled = count - len(rows)
+            self._fill(queue, rows, count, live)
         for message_id, expires in client.zrange(
             DEDUPE_KEY,
             f"({self.clock.seconds()!r}",
@@ -390,28 +280,6 @@ class RedisStore(GroupCommit):
                 queue.max_length,
             ),
         )
-
-    def queue_dropped(self, queue):
-        self._record(DROP_ENTRIES, (queue.qid,))
-        self._record(DROP_QUEUE, (queue.qid,))
-
-    def message_added(self, message, queues):
-        for queue in queues:
-            self._record(ADD_ENTRY, _params(queue, message, 0))
-
-    def entry_removed(self, queue, message):
-        self._record(REMOVE_ENTRY, (queue.qid, message.seq))
-
-    def entry_added(self, queue, entry):
-        self._record(
-            MOVE_ENTRY, _params(queue, entry.message, entry.deliveries, entry.dead)
-        )
-
-    def delivered(self, entry):
-        self._record(DELIVERED, (entry.deliveries, entry.queue.qid, entry.message.seq))
-
-    def id_remembered(self, message_id, expires):
-        self._record(REMEMBER_ID, (message_id, expires))
 
     # Reading a queue's tail back
 
@@ -513,22 +381,6 @@ class RedisStore(GroupCommit):
                     error=str(e),
                 )
         self._client.close()
-
-
-def _params(queue, message, deliveries, dead=None):
-    reason, died = dead or (None, None)
-    return (
-        queue.qid,
-        message.seq,
-        message.id,
-        message.event,
-        message.payload,
-        message.time,
-        message.expires,
-        deliveries,
-        reason,
-        died,
-    )
 
 
 def _check_layout(client, name):

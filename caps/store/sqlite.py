@@ -18,19 +18,13 @@ from zope.interface import implementer
 from caps.queue import Message, Queue
 from caps.store import IStore, State, StoreError
 from caps.store.batch import coalesce
+from caps.store.changes import RecordedChanges
 from caps.store.group import GroupCommit
 from caps.store.schema import (
-    ADD_ENTRY,
-    DELIVERED,
-    DROP_ENTRIES,
-    DROP_QUEUE,
     FORGET_IDS,
     MIGRATIONS,
-    MOVE_ENTRY,
     READ_ENTRIES,
-    REMEMBER_ID,
     REMOVE_BY_ID,
-    REMOVE_ENTRY,
     SAVE_QUEUE,
     SCHEMA,
     SCHEMA_VERSION,
@@ -159,22 +153,6 @@ def _write(connection, ops, now):
     return took
 
 
-def _row(queue, message, deliveries, dead=None):
-    reason, died = dead or (None, None)
-    return (
-        queue.qid,
-        message.seq,
-        message.id,
-        message.event,
-        message.payload,
-        message.time,
-        message.expires,
-        deliveries,
-        reason,
-        died,
-    )
-
-
 def _read_entries(connection, qid, after, limit):
     """
     Up to C{limit} messages of queue C{qid} after sequence number C{after},
@@ -210,7 +188,7 @@ def _remove_by_id(connection, qid, message_id):
 
 
 @implementer(IStore)
-class SQLiteStore(GroupCommit):
+class SQLiteStore(GroupCommit, RecordedChanges):
     """
     The broker's state in an SQLite file (WAL mode), written in groups by
     one writer thread.
@@ -281,18 +259,7 @@ class SQLiteStore(GroupCommit):
         ).fetchall():
             queue = queues[qid]
             rows = _read_entries(connection, qid, 0, self.window)
-            for message, deliveries, dead in rows:
-                if message.id in queue:
-                    # Published again after the dedupe window while the
-                    # first was on disk: the later one is a duplicate.
-                    self._record(REMOVE_ENTRY, (qid, message.seq))
-                    continue
-                entry = queue.append(message, deliveries)
-                entry.dead = dead
-                live[message.id] = live.get(message.id, 0) + 1
-            if rows:
-                queue.last_seq = rows[-1][0].seq
-            queue.spilled = count - len(rows)
+            self._fill(queue, rows, count, live)
         for message_id, expires in connection.execute(
             "SELECT id, expires FROM dedupe WHERE expires > ? ORDER BY expires",
             (self.clock.seconds(),),
@@ -315,28 +282,6 @@ class SQLiteStore(GroupCommit):
                 queue.max_length,
             ),
         )
-
-    def queue_dropped(self, queue):
-        self._record(DROP_ENTRIES, (queue.qid,))
-        self._record(DROP_QUEUE, (queue.qid,))
-
-    def message_added(self, message, queues):
-        for queue in queues:
-            self._record(ADD_ENTRY, _row(queue, message, 0))
-
-    def entry_removed(self, queue, message):
-        self._record(REMOVE_ENTRY, (queue.qid, message.seq))
-
-    def entry_added(self, queue, entry):
-        self._record(
-            MOVE_ENTRY, _row(queue, entry.message, entry.deliveries, entry.dead)
-        )
-
-    def delivered(self, entry):
-        self._record(DELIVERED, (entry.deliveries, entry.queue.qid, entry.message.seq))
-
-    def id_remembered(self, message_id, expires):
-        self._record(REMEMBER_ID, (message_id, expires))
 
     # Reading a queue's tail back
 
