@@ -12,6 +12,7 @@ the apps' own logs, the orders placed, delivered and acknowledged, and the
 ones lost or logged twice (both must be 0), and exits 0 only if so.
 """
 
+import contextlib
 import os
 import re
 import sys
@@ -180,16 +181,25 @@ async def start_broker(scene, store, listen="tcp:0:interface=127.0.0.1"):
 
 
 async def run_scene(
-    reactor, workdir, orders=8, interval=0.5, delay=0.8, echo=None, timeout=60.0
+    reactor,
+    workdir,
+    orders=8,
+    interval=0.5,
+    delay=0.8,
+    echo=None,
+    timeout=60.0,
+    store=None,
 ):
     """
-    Play the scene, with the broker's store in C{workdir}, and return the
-    L{Scene}.  Every process started is stopped by its PID before this
-    returns, whatever happens.
+    Play the scene, with the broker's store in C{workdir} (or C{store}, a
+    store description such as a Redis URL), and return the L{Scene}.
+    Every process started is stopped by its PID before this returns,
+    whatever happens.
     """
     scene = Scene(reactor, timeout)
     say = echo or (lambda line: None)
-    store = "sqlite:" + os.path.join(workdir, "caps.sqlite3")
+    if store is None:
+        store = "sqlite:" + os.path.join(workdir, "caps.sqlite3")
     try:
         broker, address = await start_broker(scene, store)
         host, port = address.rsplit(":", 1)
@@ -264,16 +274,40 @@ async def run_scene(
 
 
 class Options(usage.Options):
+    optFlags = [
+        [
+            "redis",
+            None,
+            "Keep the broker's store in a Redis server of the demo's own "
+            "(Debian's redis-server on a free loopback port; pip install "
+            "'.[redis]') instead of an SQLite file.",
+        ],
+    ]
     optParameters = [
         ["orders", "n", 8, "Orders acme-widgets places.", positive_int],
         ["interval", "i", 0.5, "Seconds between a vendor's orders.", seconds],
         ["delay", "d", 0.8, "Seconds a driver takes to deliver.", seconds],
     ]
 
+    def postOptions(self):
+        if self["redis"]:
+            from caps import redisserver
+
+            if not redisserver.AVAILABLE:
+                raise usage.UsageError(f"--redis: {redisserver.skip_reason}")
+
 
 async def main(reactor, *argv):
     options = app.parse(Options(), argv)
-    with tempfile.TemporaryDirectory(prefix="caps-demo-") as workdir:
+    with contextlib.ExitStack() as stack:
+        workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="caps-demo-"))
+        store = None
+        if options["redis"]:
+            from caps.redisserver import RedisServer
+
+            server = RedisServer().start()
+            stack.callback(server.stop)
+            store = server.url
         scene = await run_scene(
             reactor,
             workdir,
@@ -281,6 +315,7 @@ async def main(reactor, *argv):
             interval=options["interval"],
             delay=options["delay"],
             echo=app.emit,
+            store=store,
         )
     summary = scene.summary()
     app.emit(

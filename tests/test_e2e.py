@@ -2,16 +2,20 @@
 End to end: the real broker (twistd) and the real vendor and driver apps,
 each its own process, through the scene of caps.demo: a vendor is stopped
 while its orders are delivered, the broker is killed with SIGKILL and
-started again on its SQLite store, and the vendor is restarted.
+started again on its store (SQLite, or a Redis server), and the vendor is
+restarted.
 """
 
 import re
 import signal
 from collections import Counter
 
+import pytest
 import pytest_twisted
 
 from caps.demo import PLACED, THANKS, run_scene
+
+from . import redisserver
 
 
 @pytest_twisted.ensureDeferred
@@ -20,6 +24,30 @@ async def test_catch_up_scene(reactor, tmp_path):
     scene = await run_scene(
         reactor, str(tmp_path), orders=4, interval=0.2, delay=0.3, timeout=60
     )
+    check_scene(scene)
+
+
+@pytest.mark.skipif(not redisserver.AVAILABLE, reason=str(redisserver.skip_reason))
+@pytest_twisted.ensureDeferred
+async def test_catch_up_scene_on_redis(reactor, tmp_path):
+    """The same on a Redis store: the broker killed and restarted loses nothing and doubles nothing."""
+    server = redisserver.RedisServer().start()
+    try:
+        scene = await run_scene(
+            reactor,
+            str(tmp_path),
+            orders=4,
+            interval=0.2,
+            delay=0.3,
+            timeout=60,
+            store=server.url,
+        )
+    finally:
+        server.stop()
+    check_scene(scene)
+
+
+def check_scene(scene):
     names = [child.name for child in scene.children]
     assert names.count("vendor 1-800-flowers") == 2
 
