@@ -3,9 +3,9 @@ Group commit, for the stores that write elsewhere (SQLite, Redis).
 
 Changes are recorded as the broker makes them and written in groups: all
 the changes of one pass of the reactor go out in one write (one SQLite
-transaction, one Redis MULTI/EXEC), on a single writer thread, so the
-reactor never waits for the disk or the network and a batch builds up
-while the previous one is being written.  A failed write keeps its
+transaction, one call of a Redis Lua script), on a single writer thread,
+so the reactor never waits for the disk or the network and a batch builds
+up while the previous one is being written.  A failed write keeps its
 changes, in order, and is tried again every L{RETRY_DELAY} seconds; the
 store is unavailable meanwhile.
 """

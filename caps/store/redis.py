@@ -4,7 +4,7 @@ The Redis store: the broker's state in a Redis database.
 The same contract as the SQLite store (L{caps.store.IStore}): the broker
 keeps its queues in memory, each queue's first C{window} messages, and
 records every change; the changes of one pass of the reactor go to Redis
-in one C{MULTI}/C{EXEC} on the writer thread (L{caps.store.group}), and a
+in one Lua script call on the writer thread (L{caps.store.group}), and a
 publish is confirmed once Redis has accepted the transaction that holds
 it.  With C{durable}, also once Redis has written it to its append-only
 file and synced it (C{WAITAOF} on Redis 7.2 and later; on older servers,
@@ -427,38 +427,42 @@ class _Written:
     """
 
     def __init__(self, token, count):
-        self.token = token.encode("utf-8")
+        self.token = token
         self.count = count
 
 
-def _transaction(client, written, fill):
+def _transaction(scripts, written, changes):
     """
-    Run the commands C{fill(pipe)} queues as one transaction, if this broker
-    still holds the lock and Redis has every transaction written so far;
-    both are checked under C{WATCH}, so a broker that takes the lock between
-    the check and the write makes the write fail, not land.
+    Write C{changes} (L{layout.BATCH}'s) in one call, if this broker still
+    holds the lock and Redis has every transaction written so far: the
+    script checks both first, and nothing runs between its check and its
+    last change.
 
-    @return: the results of the commands.
+    @return: what the script returns (the seqs of a C{removeid}).
     @raise LockLost: if another broker holds the lock.
     @raise DataLost: if Redis has fewer transactions than were written.
     """
-    with client.pipeline(transaction=True) as pipe:
-        pipe.watch(LOCK_KEY, WRITTEN_KEY)
-        holder, count = pipe.mget(LOCK_KEY, WRITTEN_KEY)
-        if holder != written.token:
-            if holder is None:
-                # Expired while Redis was out of reach: the renewal takes it
-                # again if nobody else did, and the write is tried again.
-                raise OSError("the store's lock expired; taking it again")
-            raise LockLost(holder.decode("utf-8", "replace"))
-        if int(count or 0) != written.count:
-            raise DataLost(f"{written.count} transactions written, Redis has {count}")
-        pipe.multi()
-        fill(pipe)
-        pipe.incr(WRITTEN_KEY)
-        results = pipe.execute()
+    import redis
+
+    try:
+        result = scripts.batch(
+            keys=[LOCK_KEY, WRITTEN_KEY], args=[written.token, written.count, *changes]
+        )
+    except redis.ResponseError as e:
+        why, _, detail = str(e).partition(" ")
+        if why == "LOCKLOST":
+            raise LockLost(detail) from None
+        if why == "DATALOST":
+            raise DataLost(
+                f"{written.count} transactions written, Redis has {detail}"
+            ) from None
+        if why == "EXPIRED":
+            # Expired while Redis was out of reach: the renewal takes it
+            # again if nobody else did, and the write is tried again.
+            raise OSError("the store's lock expired; taking it again") from None
+        raise
     written.count += 1
-    return results[:-1]
+    return result
 
 
 def _write(client, scripts, written, ops, now, durable, replicas):
@@ -470,7 +474,7 @@ def _write(client, scripts, written, ops, now, durable, replicas):
     @return: the seconds it took, the durable wait included.
     """
     started = time.perf_counter()
-    _transaction(client, written, lambda pipe: layout.write(pipe, scripts, ops, now))
+    _transaction(scripts, written, layout.changes(ops, now))
     if durable is not None:
         _wait_durable(client, durable, replicas > 0)
     return time.perf_counter() - started
@@ -481,13 +485,7 @@ def _remove_id(client, scripts, written, qid, message_id):
     Delete every copy of C{message_id} from queue C{qid} in Redis, as a
     checked transaction; return their sequence numbers.
     """
-    (removed,) = _transaction(
-        client,
-        written,
-        lambda pipe: scripts.remove_by_id(
-            keys=layout.keys(qid), args=[message_id], client=pipe
-        ),
-    )
+    removed = _transaction(scripts, written, layout.removal(qid, message_id))
     return [int(seq) for seq in removed]
 
 

@@ -67,74 +67,119 @@ def message(seq, row, deliveries):
 # The ids hash maps a messageId to the sequence numbers of its copies in
 # the queue, space-separated: usually one; two when it was published again
 # after the dedupe window while the first copy was still queued.
-
-# KEYS: seqs, rows, deliveries, ids.  ARGV: seq, messageId, row, times
-# sent, for each message.
-ADD = """
-for i = 1, #ARGV, 4 do
-  local seq, id = ARGV[i], ARGV[i + 1]
-  redis.call('ZADD', KEYS[1], seq, seq)
-  redis.call('HSET', KEYS[2], seq, ARGV[i + 2])
-  if ARGV[i + 3] ~= '0' then
-    redis.call('HSET', KEYS[3], seq, ARGV[i + 3])
-  end
-  local held = redis.call('HGET', KEYS[4], id)
-  if held and not string.find(' ' .. held .. ' ', ' ' .. seq .. ' ', 1, true) then
-    redis.call('HSET', KEYS[4], id, held .. ' ' .. seq)
-  elseif not held then
-    redis.call('HSET', KEYS[4], id, seq)
-  end
-end
-return #ARGV / 4
-"""
-
-# KEYS: seqs, rows, deliveries, ids.  ARGV: sequence numbers.
-REMOVE = """
-for i = 1, #ARGV do
-  local seq = ARGV[i]
-  local row = redis.call('HGET', KEYS[2], seq)
-  if row then
-    local stop = string.find(row, '\\n', 1, true)
-    local id = cjson.decode(string.sub(row, 1, stop - 1))[1]
-    local held = redis.call('HGET', KEYS[4], id)
-    if held == seq then
-      redis.call('HDEL', KEYS[4], id)
-    elseif held then
-      local rest = {}
-      for other in string.gmatch(held, '%S+') do
-        if other ~= seq then
-          rest[#rest + 1] = other
-        end
-      end
-      if #rest == 0 then
-        redis.call('HDEL', KEYS[4], id)
-      else
-        redis.call('HSET', KEYS[4], id, table.concat(rest, ' '))
+#
+# BATCH writes a whole batch of changes in one call, once it has checked
+# that this broker holds the lock and that Redis has every transaction
+# written so far (one round trip, and atomic: nothing else runs between the
+# check and the last change).  KEYS: the lock, the written count.  ARGV:
+# the token, the count, then each change as its kind, how many arguments
+# follow, and those:
+#   call N COMMAND ARG...                   a Redis command
+#   add N SEQS ROWS DELIVERIES IDS (SEQ ID ROW SENT)...
+#   remove N SEQS ROWS DELIVERIES IDS SEQ...
+#   removeid 5 SEQS ROWS DELIVERIES IDS MESSAGEID   (its seqs are returned)
+# A failed check is an error reply: LOCKLOST <holder>, EXPIRED, or
+# DATALOST <count>.
+BATCH = """
+local function forget(ids, id, seq)
+  local held = redis.call('HGET', ids, id)
+  if held == seq then
+    redis.call('HDEL', ids, id)
+  elseif held then
+    local rest = {}
+    for other in string.gmatch(held, '%S+') do
+      if other ~= seq then
+        rest[#rest + 1] = other
       end
     end
-    redis.call('HDEL', KEYS[2], seq)
+    if #rest == 0 then
+      redis.call('HDEL', ids, id)
+    else
+      redis.call('HSET', ids, id, table.concat(rest, ' '))
+    end
   end
-  redis.call('ZREM', KEYS[1], seq)
-  redis.call('HDEL', KEYS[3], seq)
 end
-return #ARGV
-"""
 
-# KEYS: seqs, rows, deliveries, ids.  ARGV: messageId.  Removes every copy;
-# returns their sequence numbers.
-REMOVE_BY_ID = """
-local held = redis.call('HGET', KEYS[4], ARGV[1])
-if not held then
-  return {}
+local function add(seqs, rows, deliveries, ids, first, last)
+  for i = first, last, 4 do
+    local seq, id = ARGV[i], ARGV[i + 1]
+    redis.call('ZADD', seqs, seq, seq)
+    redis.call('HSET', rows, seq, ARGV[i + 2])
+    if ARGV[i + 3] ~= '0' then
+      redis.call('HSET', deliveries, seq, ARGV[i + 3])
+    end
+    local held = redis.call('HGET', ids, id)
+    if not held then
+      redis.call('HSET', ids, id, seq)
+    elseif not string.find(' ' .. held .. ' ', ' ' .. seq .. ' ', 1, true) then
+      redis.call('HSET', ids, id, held .. ' ' .. seq)
+    end
+  end
 end
-redis.call('HDEL', KEYS[4], ARGV[1])
+
+local function remove(seqs, rows, deliveries, ids, first, last)
+  for i = first, last do
+    local seq = ARGV[i]
+    local row = redis.call('HGET', rows, seq)
+    if row then
+      local stop = string.find(row, '\\n', 1, true)
+      forget(ids, cjson.decode(string.sub(row, 1, stop - 1))[1], seq)
+      redis.call('HDEL', rows, seq)
+    end
+    redis.call('ZREM', seqs, seq)
+    redis.call('HDEL', deliveries, seq)
+  end
+end
+
+local function remove_id(seqs, rows, deliveries, ids, id)
+  local held = redis.call('HGET', ids, id)
+  local out = {}
+  if held then
+    redis.call('HDEL', ids, id)
+    for seq in string.gmatch(held, '%S+') do
+      redis.call('HDEL', rows, seq)
+      redis.call('ZREM', seqs, seq)
+      redis.call('HDEL', deliveries, seq)
+      out[#out + 1] = seq
+    end
+  end
+  return out
+end
+
+local holder = redis.call('GET', KEYS[1])
+if holder ~= ARGV[1] then
+  if not holder then
+    return redis.error_reply('EXPIRED the lock expired')
+  end
+  return redis.error_reply('LOCKLOST ' .. holder)
+end
+local count = redis.call('GET', KEYS[2]) or '0'
+if count ~= ARGV[2] then
+  return redis.error_reply('DATALOST ' .. count)
+end
 local out = {}
-for seq in string.gmatch(held, '%S+') do
-  redis.call('HDEL', KEYS[2], seq)
-  redis.call('ZREM', KEYS[1], seq)
-  redis.call('HDEL', KEYS[3], seq)
-  out[#out + 1] = seq
+local i = 3
+while i <= #ARGV do
+  local kind, n = ARGV[i], tonumber(ARGV[i + 1])
+  local first, last = i + 2, i + 1 + n
+  if kind == 'call' then
+    local command = {}
+    for j = first, last do
+      command[#command + 1] = ARGV[j]
+    end
+    redis.call(unpack(command))
+  elseif kind == 'add' then
+    add(ARGV[first], ARGV[first + 1], ARGV[first + 2], ARGV[first + 3], first + 4, last)
+  elseif kind == 'remove' then
+    remove(ARGV[first], ARGV[first + 1], ARGV[first + 2], ARGV[first + 3], first + 4, last)
+  elseif kind == 'removeid' then
+    out = remove_id(ARGV[first], ARGV[first + 1], ARGV[first + 2], ARGV[first + 3], ARGV[last])
+  else
+    return redis.error_reply('BADBATCH unknown change ' .. kind)
+  end
+  i = last + 1
 end
+redis.call('INCR', KEYS[2])
 return out
 """
 
@@ -176,23 +221,37 @@ class Scripts:
     """
 
     def __init__(self, client):
-        self.add = client.register_script(ADD)
-        self.remove = client.register_script(REMOVE)
-        self.remove_by_id = client.register_script(REMOVE_BY_ID)
+        self.batch = client.register_script(BATCH)
         self.read = client.register_script(READ)
 
 
-def write(pipe, scripts, ops, now):
-    """
-    Queue a batch of changes, as L{caps.store.batch.coalesce} reduces them,
-    on C{pipe} (a transaction, executed by the caller), and the forgetting
-    of the dedupe ids expired by C{now}.
+# Commands in one "call" change at the most: Lua's unpack() has a limit.
+CHUNK = 500
 
-    @param scripts: the L{Scripts} of the client.
+
+def changes(ops, now):
     """
+    A batch of changes, as L{caps.store.batch.coalesce} reduces them, and
+    the forgetting of the dedupe ids expired by C{now}, as L{BATCH}'s
+    arguments after the token and the count.
+    """
+    args = []
     for op, rows in coalesce(ops):
-        _WRITERS[op](pipe, scripts, rows)
-    pipe.zremrangebyscore(DEDUPE_KEY, "-inf", now)
+        _WRITERS[op](args, rows)
+    _call(args, "ZREMRANGEBYSCORE", DEDUPE_KEY, "-inf", now)
+    return args
+
+
+def removal(qid, message_id):
+    """
+    The L{BATCH} arguments that delete every copy of C{message_id} from
+    queue C{qid}.
+    """
+    return ["removeid", 5, *keys(qid), message_id]
+
+
+def _call(args, *command):
+    args += ("call", len(command), *command)
 
 
 def _by_queue(rows, qid_at):
@@ -202,25 +261,25 @@ def _by_queue(rows, qid_at):
     return grouped.items()
 
 
-def _save_queue(pipe, scripts, rows):
+def _save_queue(args, rows):
     for qid, client_id, event, subscribed, flt, max_length in rows:
         fields = [client_id, event, bool(subscribed), flt, max_length]
-        pipe.hset(QUEUES_KEY, qid, json.dumps(fields))
+        _call(args, "HSET", QUEUES_KEY, qid, json.dumps(fields))
 
 
-def _drop_entries(pipe, scripts, rows):
+def _drop_entries(args, rows):
     for (qid,) in rows:
-        pipe.delete(*keys(qid))
+        _call(args, "DEL", *keys(qid))
 
 
-def _drop_queue(pipe, scripts, rows):
+def _drop_queue(args, rows):
     for (qid,) in rows:
-        pipe.hdel(QUEUES_KEY, qid)
+        _call(args, "HDEL", QUEUES_KEY, qid)
 
 
-def _add_entries(pipe, scripts, rows):
+def _add_entries(args, rows):
     for qid, entries in _by_queue(rows, 0):
-        args = []
+        added = []
         for (
             _,
             seq,
@@ -233,31 +292,36 @@ def _add_entries(pipe, scripts, rows):
             reason,
             died,
         ) in entries:
-            args += (
+            added += (
                 seq,
                 message_id,
                 row(message_id, event, payload, time_, expires, reason, died),
                 sent,
             )
-        scripts.add(keys=keys(qid), args=args, client=pipe)
+        args += ("add", 4 + len(added), *keys(qid), *added)
 
 
-def _delivered(pipe, scripts, rows):
+def _delivered(args, rows):
     for qid, updates in _by_queue(rows, 1):
-        pipe.hset(keys(qid)[2], mapping={seq: count for count, _, seq in updates})
+        fields = [value for count, _, seq in updates for value in (seq, count)]
+        for start in range(0, len(fields), 2 * CHUNK):
+            _call(args, "HSET", keys(qid)[2], *fields[start : start + 2 * CHUNK])
 
 
-def _remove_entries(pipe, scripts, rows):
+def _remove_entries(args, rows):
     for qid, removed in _by_queue(rows, 0):
-        scripts.remove(keys=keys(qid), args=[seq for _, seq in removed], client=pipe)
+        seqs = [seq for _, seq in removed]
+        args += ("remove", 4 + len(seqs), *keys(qid), *seqs)
 
 
-def _remember(pipe, scripts, rows):
-    pipe.zadd(DEDUPE_KEY, dict(rows))
+def _remember(args, rows):
+    fields = [value for message_id, expires in rows for value in (expires, message_id)]
+    for start in range(0, len(fields), 2 * CHUNK):
+        _call(args, "ZADD", DEDUPE_KEY, *fields[start : start + 2 * CHUNK])
 
 
 # The SQLite store's statements name the kinds of change (they are what
-# caps.store.batch folds); here each kind is written as Redis commands.
+# caps.store.batch folds); here each kind becomes changes for BATCH.
 _WRITERS = {
     SAVE_QUEUE: _save_queue,
     DROP_ENTRIES: _drop_entries,
