@@ -77,13 +77,15 @@ class _Run:
         else:
             entry[1] = deliveries
 
-    def remove_entry(self, qid, seq):
+    def remove_entry(self, qid, seq, *rest):
+        # rest: what else a store records of a removal (Redis: the
+        # messageId), written after (qid, seq).
         key = (qid, seq)
         entry = self.entries.get(key)
         if entry is not None and entry[0] == _NEW:
             del self.entries[key]
         else:
-            self.entries[key] = [_DELETED, None]
+            self.entries[key] = [_DELETED, rest]
 
     def remember(self, message_id, expires):
         self.remembered[message_id] = expires
@@ -96,7 +98,7 @@ class _Run:
         inserted, updated, deleted = [], [], []
         for (qid, seq), (state, value) in self.entries.items():
             if state == _DELETED:
-                deleted.append((qid, seq))
+                deleted.append((qid, seq, *value))
             elif state == _UPDATED:
                 updated.append((value, qid, seq))
             else:

@@ -51,7 +51,13 @@ class RecordedChanges:
             self._record(ADD_ENTRY, entry_row(queue, message, 0))
 
     def entry_removed(self, queue, message):
-        self._record(REMOVE_ENTRY, (queue.qid, message.seq))
+        self._record(REMOVE_ENTRY, self._removal(queue, message))
+
+    def _removal(self, queue, message):
+        """
+        The parameters of L{REMOVE_ENTRY} for C{message} in C{queue}.
+        """
+        return (queue.qid, message.seq)
 
     def entry_added(self, queue, entry):
         self._record(
@@ -73,7 +79,7 @@ class RecordedChanges:
             if message.id in queue:
                 # Published again after the dedupe window while the first
                 # was in the store only: the later one is a duplicate.
-                self._record(REMOVE_ENTRY, (queue.qid, message.seq))
+                self._record(REMOVE_ENTRY, self._removal(queue, message))
                 continue
             entry = queue.append(message, deliveries)
             entry.dead = dead

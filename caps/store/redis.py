@@ -281,6 +281,11 @@ class RedisStore(GroupCommit, RecordedChanges):
             ),
         )
 
+    def _removal(self, queue, message):
+        # The messageId too: the batch script forgets it without reading
+        # the row.
+        return (queue.qid, message.seq, message.id)
+
     # Reading a queue's tail back
 
     def load_entries(self, queue, after, limit, wait=False):

@@ -76,7 +76,7 @@ def message(seq, row, deliveries):
 # follow, and those:
 #   call N COMMAND ARG...                   a Redis command
 #   add N SEQS ROWS DELIVERIES IDS (SEQ ID ROW SENT)...
-#   remove N SEQS ROWS DELIVERIES IDS SEQ...
+#   remove N SEQS ROWS DELIVERIES IDS (SEQ ID)...
 #   removeid 5 SEQS ROWS DELIVERIES IDS MESSAGEID   (its seqs are returned)
 # A failed check is an error reply: LOCKLOST <holder>, EXPIRED, or
 # DATALOST <count>.
@@ -118,13 +118,10 @@ local function add(seqs, rows, deliveries, ids, first, last)
 end
 
 local function remove(seqs, rows, deliveries, ids, first, last)
-  for i = first, last do
+  for i = first, last, 2 do
     local seq = ARGV[i]
-    local row = redis.call('HGET', rows, seq)
-    if row then
-      local stop = string.find(row, '\\n', 1, true)
-      forget(ids, cjson.decode(string.sub(row, 1, stop - 1))[1], seq)
-      redis.call('HDEL', rows, seq)
+    if redis.call('HDEL', rows, seq) == 1 then
+      forget(ids, ARGV[i + 1], seq)
     end
     redis.call('ZREM', seqs, seq)
     redis.call('HDEL', deliveries, seq)
@@ -310,8 +307,8 @@ def _delivered(args, rows):
 
 def _remove_entries(args, rows):
     for qid, removed in _by_queue(rows, 0):
-        seqs = [seq for _, seq in removed]
-        args += ("remove", 4 + len(seqs), *keys(qid), *seqs)
+        pairs = [value for _, seq, message_id in removed for value in (seq, message_id)]
+        args += ("remove", 4 + len(pairs), *keys(qid), *pairs)
 
 
 def _remember(args, rows):
