@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from caps.broker import Broker
 from caps.frames import encode_json
 from caps.store import StoreError, StoreUnavailable, open_store
+from caps.store.group import RETRY_DELAY
 from caps.store.redis import LAYOUT_KEY, LOCK_KEY, LOCK_RENEW, RedisStore
 from caps.store.redisconnect import PASSWORD_ENV, shown
 
@@ -128,6 +129,35 @@ class RedisStoreTests(SynchronousTestCase):
         self.assertTrue(
             any(e.get("log_level") == LogLevel.critical for e in events), events
         )
+
+    def test_answer_lost(self):
+        """A batch Redis ran but whose answer was lost (Redis killed just after) is written again, not taken for lost data."""
+        import redis
+
+        store = self.open()
+        broker = Broker(self.clock, store=store)
+        self.addCleanup(broker.stop)
+        self.publish(broker, 0)
+        self.clock.advance(0)
+        ran = store._scripts.batch
+
+        def answer_lost(*args, **kwargs):
+            ran(*args, **kwargs)
+            raise redis.ConnectionError("Connection closed by server.")
+
+        store._scripts.batch = answer_lost
+        self.publish(broker, 1)
+        self.clock.advance(0)
+        self.assertFalse(store.available)
+        store._scripts.batch = ran
+        self.clock.advance(RETRY_DELAY)
+        self.assertTrue(store.available)
+        self.publish(broker, 2)
+        self.clock.advance(0)
+        self.assertIsNone(store.flushed())
+        self.assertEqual(len(self.flushLoggedErrors(redis.ConnectionError)), 1)
+        tag = f"caps:{{q{broker.queue('driver', 'pickup').qid}}}"
+        self.assertEqual(len(self.redis.zrange(f"{tag}:seqs", 0, -1)), 3)
 
     def test_foreign_database(self):
         """A database holding keys that are not a CAPS store's is refused, untouched."""

@@ -115,6 +115,8 @@ class DataLost(Exception):
 # Counts the transactions written to the store: each write checks that
 # Redis still has every one this broker made.
 WRITTEN_KEY = "caps:written"
+# The lock token of the broker that wrote the last transaction.
+WRITER_KEY = "caps:written:by"
 
 
 def _check_durable(client, name):
@@ -451,7 +453,8 @@ def _transaction(scripts, written, changes):
 
     try:
         result = scripts.batch(
-            keys=[LOCK_KEY, WRITTEN_KEY], args=[written.token, written.count, *changes]
+            keys=[LOCK_KEY, WRITTEN_KEY, WRITER_KEY],
+            args=[written.token, written.count, *changes],
         )
     except redis.ResponseError as e:
         why, _, detail = str(e).partition(" ")
