@@ -360,8 +360,7 @@ class RedisStore(GroupCommit):
                     # duplicate.
                     self._record(REMOVE_ENTRY, (qid, message.seq))
                     continue
-                entry = queue.append(message, deliveries)
-                entry.dead = dead
+                queue.append(message, deliveries, dead)
                 live[message.id] = live.get(message.id, 0) + 1
             if rows:
                 queue.last_seq = rows[-1][0].seq
