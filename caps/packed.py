@@ -9,6 +9,9 @@ out when it is the queue's own) and the payload.  Records are found by
 messageId without a dictionary when the messageId ends in "-<sequence
 number>" (as the broker makes them): the number is read back and the
 record found by bisection.  Other messageIds are kept in a dictionary.
+
+The newest message stays a message object until the next one comes: a
+queue whose consumers keep up sends it before that, and never packs it.
 """
 
 import bisect
@@ -90,14 +93,28 @@ def header(record):
 
 
 def seq_of(item):
-    # A record, the sequence number left in place of a removed one, or an
-    # entry.
+    """
+    The sequence number of an item of L{Fresh}: a record, a message, an
+    entry, or the sequence number left in place of a removed record.
+    """
     cls = item.__class__
     if cls is bytes:
         return _SEQ.unpack_from(item)[0]
     if cls is int:
         return item
+    if cls is Message:
+        return item.seq
     return item.message.seq
+
+
+def head_of(item):
+    """
+    The C{(seq, time, expires)} of a record, a message or an entry.
+    """
+    if item.__class__ is bytes:
+        return header(item)
+    message = item if item.__class__ is Message else item.message
+    return message.seq, message.time, message.expires
 
 
 def _id_of(record):
@@ -116,173 +133,238 @@ def _number(message_id):
 
 class Fresh:
     """
-    Packed records in publish order, and among them the entries of
-    messages read from a store that were sent before (those have an entry
-    from the start; a removed one is skipped when it comes up).  What is
-    taken from the front leaves L{None} behind (the list is compacted now
-    and then); a record removed from the middle leaves its sequence
-    number, so bisection still works.
+    A queue's fresh messages in publish order: records, the newest
+    message unpacked, and among them the entries of messages read from a
+    store that were sent before (those have an entry from the start; a
+    removed one is skipped when it comes up).  What is taken from the
+    front leaves L{None} behind (the list is compacted now and then); a
+    message removed from the middle leaves its sequence number, so
+    bisection still works.
 
-    @ivar _items: records, sequence numbers of removed records, entries,
-        and L{None}s before C{_head}.
-    @ivar _head: where the first record not taken from the front is.
-    @ivar _count: how many records it holds.
-    @ivar _ids: messageId -> sequence number, for the records whose
-        messageId does not end in "-<sequence number>".
+    @ivar count: how many messages it holds, entries not counted.
+    @ivar items: records, at most one message (the last item), sequence
+        numbers of removed messages, entries, and L{None}s before C{head}.
+    @ivar head: where the first item not taken from the front is.  Once
+        every item is taken, C{items} is emptied: a queue checks that
+        before calling L{popleft}, on its hot path.
+    @ivar _ids: messageId -> sequence number, for the packed messages
+        whose messageId does not end in "-<sequence number>".
+    @ivar _event: the queue's event, left out of records.
     """
 
-    __slots__ = ("_items", "_head", "_count", "_ids")
+    __slots__ = ("count", "items", "head", "_ids", "_event")
 
-    def __init__(self):
-        self._items = []
-        self._head = 0
-        self._count = 0
+    def __init__(self, event):
+        self.count = 0
+        self.items = []
+        self.head = 0
         self._ids = {}
-
-    def __len__(self):
-        """
-        How many records it holds (entries not counted).
-        """
-        return self._count
+        self._event = event
 
     @property
     def slots(self):
         """
-        How many records and entries it holds, removed ones still in the
+        How many messages and entries it holds, removed ones still in the
         list counted.
         """
-        return len(self._items) - self._head
+        return len(self.items) - self.head
 
-    def append(self, message, own_event):
+    def append(self, message):
         """
         Add a message, published after every one it holds.
         """
-        self._items.append(pack(message, own_event))
-        self._count += 1
+        items = self.items
+        if items and items[-1].__class__ is Message:
+            self._pack_last()
+        items.append(message)
+        self.count += 1
+
+    def _pack_last(self):
+        """
+        Pack the newest message, and remember where to find it if its
+        messageId does not end in its sequence number.
+        """
+        items = self.items
+        message = items[-1]
+        items[-1] = pack(message, self._event)
         message_id = message.id
-        seq = message.seq
-        if _number(message_id) != seq:
-            self._ids[message_id] = seq
+        if not message_id.endswith(f"-{message.seq}"):
+            self._ids[message_id] = message.seq
 
     def append_entry(self, entry):
         """
         Add the entry of a message published after every one it holds.
         """
-        self._items.append(entry)
+        items = self.items
+        if items and items[-1].__class__ is Message:
+            self._pack_last()
+        items.append(entry)
 
     def first(self):
         """
-        The oldest record or entry not removed, left in place; or L{None}.
+        The oldest record, message or entry not removed, left in place;
+        or L{None}.
         """
-        items = self._items
-        head = self._head
+        items = self.items
+        head = self.head
         end = len(items)
         while head < end:
             item = items[head]
             cls = item.__class__
-            if cls is bytes or (cls is not int and not item.removed):
-                self._head = head
+            if cls is bytes or cls is Message or (cls is not int and not item.removed):
+                self.head = head
                 return item
             items[head] = None
             head += 1
-        self._head = head
+        # Nothing left: an empty list tells it at once.
+        items.clear()
+        self.head = 0
         return None
+
+    def peek(self):
+        """
+        The oldest message or entry not removed, left in place; or
+        L{None}.
+        """
+        item = self.first()
+        if item.__class__ is bytes:
+            return unpack(item, self._event)
+        return item
 
     def popleft(self):
         """
-        Take the oldest record or entry not removed, or return L{None} if
+        Take the oldest message or entry not removed, or return L{None} if
         there is none.
         """
-        items = self._items
-        head = self._head
+        items = self.items
+        head = self.head
         end = len(items)
         while head < end:
             item = items[head]
             items[head] = None
             head += 1
             cls = item.__class__
-            if cls is bytes:
-                self._taken(item)
+            if cls is bytes or cls is Message:
+                if cls is bytes:
+                    item = unpack(item, self._event)
+                self.count -= 1
+                ids = self._ids
+                if ids and item.id in ids:
+                    del ids[item.id]
             elif cls is int or item.removed:
                 continue
-            self._head = head
-            if head >= _COMPACT and head * 2 >= end:
+            if head == end:
+                items.clear()
+                head = 0
+            elif head >= _COMPACT and head * 2 >= end:
                 del items[:head]
-                self._head = 0
+                head = 0
+            self.head = head
             return item
-        self._head = head
+        items.clear()
+        self.head = 0
         return None
 
-    def _taken(self, record):
-        self._count -= 1
-        if self._ids:
-            message_id = _id_of(record)
-            if message_id in self._ids:
-                del self._ids[message_id]
+    def _taken(self, message_id):
+        self.count -= 1
+        ids = self._ids
+        if ids and message_id in ids:
+            del ids[message_id]
 
     def find(self, message_id):
         """
-        Where the record of C{message_id} is, or -1.
+        Where the message C{message_id} is, or -1.
         """
+        items = self.items
+        if items:
+            last = items[-1]
+            if last.__class__ is Message and last.id == message_id:
+                return len(items) - 1
         seq = self._ids.get(message_id)
         if seq is None:
             seq = _number(message_id)
             if seq is None:
                 return -1
-        items = self._items
-        index = bisect.bisect_left(items, seq, self._head, len(items), key=seq_of)
+        items = self.items
+        index = bisect.bisect_left(items, seq, self.head, len(items), key=seq_of)
         if index < len(items):
             item = items[index]
-            if item.__class__ is bytes and _id_of(item) == message_id:
+            cls = item.__class__
+            if cls is bytes:
+                if _id_of(item) == message_id:
+                    return index
+            elif cls is Message and item.id == message_id:
                 return index
         return -1
 
+    def message_at(self, index):
+        """
+        The message at C{index} (from L{find}).
+        """
+        item = self.items[index]
+        if item.__class__ is bytes:
+            return unpack(item, self._event)
+        return item
+
     def take(self, index):
         """
-        Remove the record at C{index} (from L{find}) and return it.
+        Remove the message at C{index} (from L{find}) and return it.
         """
-        items = self._items
-        record = items[index]
-        items[index] = _SEQ.unpack_from(record)[0]
-        self._taken(record)
-        return record
+        message = self.message_at(index)
+        self.items[index] = message.seq
+        self._taken(message.id)
+        return message
 
-    def record(self, index):
+    def messages(self, start=None):
         """
-        The record at C{index} (from L{find}).
+        Every message (entries left out), oldest first; from index
+        C{start} on, if given.
         """
-        return self._items[index]
-
-    def records(self):
-        """
-        Every record, oldest first.
-        """
-        items = self._items
-        for index in range(self._head, len(items)):
+        items = self.items
+        event = self._event
+        for index in range(self.head if start is None else start, len(items)):
             item = items[index]
-            if item.__class__ is bytes:
+            cls = item.__class__
+            if cls is bytes:
+                yield unpack(item, event)
+            elif cls is Message:
                 yield item
 
     def ids(self):
         """
-        The C{(seq, messageId)} of every record, oldest first.
+        The C{(seq, messageId)} of every message, oldest first.
         """
-        for record in self.records():
-            yield _SEQ.unpack_from(record)[0], _id_of(record)
+        items = self.items
+        for index in range(self.head, len(items)):
+            item = items[index]
+            cls = item.__class__
+            if cls is bytes:
+                yield _SEQ.unpack_from(item)[0], _id_of(item)
+            elif cls is Message:
+                yield item.seq, item.id
 
     def after(self, seq):
         """
-        The records published after sequence number C{seq}, oldest first.
+        The messages published after sequence number C{seq}, oldest first.
         """
-        items = self._items
-        start = bisect.bisect_right(items, seq, self._head, len(items), key=seq_of)
-        for index in range(start, len(items)):
-            item = items[index]
-            if item.__class__ is bytes:
-                yield item
+        items = self.items
+        start = bisect.bisect_right(items, seq, self.head, len(items), key=seq_of)
+        return self.messages(start)
+
+    def count_after(self, seq):
+        """
+        How many messages were published after sequence number C{seq}.
+        """
+        items = self.items
+        start = bisect.bisect_right(items, seq, self.head, len(items), key=seq_of)
+        return sum(
+            1
+            for index in range(start, len(items))
+            if items[index].__class__ in (bytes, Message)
+        )
 
     def clear(self):
-        self._items = []
-        self._head = 0
-        self._count = 0
+        self.count = 0
+        self.items.clear()
+        self.head = 0
         self._ids.clear()

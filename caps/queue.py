@@ -11,7 +11,7 @@ import attrs
 
 from caps.frames import DEAD_SUFFIX, encode_json
 from caps.message import Message
-from caps.packed import Fresh, header, seq_of, unpack
+from caps.packed import Fresh, head_of, seq_of
 
 __all__ = ["Entry", "Message", "Queue"]
 
@@ -109,7 +109,7 @@ class Queue:
     waiting: dict = attrs.Factory(dict)
     # Messages with an entry: messageId -> Entry
     _entries: dict = attrs.Factory(dict)
-    _fresh: Fresh = attrs.Factory(Fresh)
+    _fresh: Fresh = attrs.Factory(lambda self: Fresh(self.event), takes_self=True)
     _returned: list = attrs.Factory(list)
     # Encoded once: written in every delivery frame.
     client_json: bytes = attrs.field(init=False)
@@ -136,14 +136,14 @@ class Queue:
         How many messages the queue holds, ready or in flight, in memory
         or in the store only.
         """
-        return len(self._entries) + len(self._fresh) + self.spilled
+        return len(self._entries) + self._fresh.count + self.spilled
 
     @property
     def in_memory(self):
         """
         How many of its messages are in memory.
         """
-        return len(self._entries) + len(self._fresh)
+        return len(self._entries) + self._fresh.count
 
     @property
     def ready_in_memory(self):
@@ -169,7 +169,7 @@ class Queue:
         if message.expires is not None:
             self.expiring += 1
         if not deliveries and dead is None:
-            self._fresh.append(message, self.event)
+            self._fresh.append(message)
             return None
         entry = Entry(message, self, None, None, deliveries, dead=dead)
         self._entries[message.id] = entry
@@ -192,10 +192,9 @@ class Queue:
         Every message's entry, in no particular order (those of fresh
         messages made for the occasion).
         """
-        own = self.event
         return [
             *self._entries.values(),
-            *(Entry(unpack(r, own), self) for r in self._fresh.records()),
+            *(Entry(message, self) for message in self._fresh.messages()),
         ]
 
     def message_ids(self):
@@ -217,11 +216,10 @@ class Queue:
             key=lambda e: e.message.seq,
         )
         fresh = self._fresh
-        own = self.event
-        made = (Entry(unpack(r, own), self) for r in fresh.after(after))
+        made = (Entry(message, self) for message in fresh.after(after))
         merged = heapq.merge(held, made, key=lambda e: e.message.seq)
         shown = list(itertools.islice(merged, limit))
-        count = len(held) + sum(1 for _ in fresh.after(after))
+        count = len(held) + fresh.count_after(after)
         return shown, count
 
     def insert(self, message, deliveries=0):
@@ -261,11 +259,7 @@ class Queue:
             message = self._returned[0][2].message
             return message.seq, message.time, message.expires
         if head == "fresh":
-            first = self._fresh.first()
-            if first.__class__ is bytes:
-                return header(first)
-            message = first.message
-            return message.seq, message.time, message.expires
+            return head_of(self._fresh.first())
         return None
 
     def peek_ready(self):
@@ -276,10 +270,8 @@ class Queue:
         if head == "returned":
             return self._returned[0][2]
         if head == "fresh":
-            first = self._fresh.first()
-            if first.__class__ is bytes:
-                return Entry(unpack(first, self.event), self)
-            return first
+            first = self._fresh.peek()
+            return first if first.__class__ is Entry else Entry(first, self)
         return None
 
     def pop_ready(self):
@@ -288,17 +280,30 @@ class Queue:
 
         The caller marks it in flight by setting its C{owner}.
         """
+        fresh = self._fresh
         if self._returned:
             head = self._head()
             if head == "returned":
                 return heapq.heappop(self._returned)[2]
             if head is None:
                 return None
-        record = self._fresh.popleft()
-        if record.__class__ is not bytes:
-            # None, or an entry read from a store
-            return record
-        message = unpack(record, self.event)
+        else:
+            items = fresh.items
+            if not items:
+                return None
+            if len(items) == 1 and items[0].__class__ is Message:
+                # Sent as soon as published (consumers keep up): never
+                # packed, nor in fresh's map.  Fresh.popleft, inlined.
+                message = items[0]
+                items.clear()
+                fresh.head = 0
+                fresh.count -= 1
+                entry = self._entries[message.id] = Entry(message, self)
+                return entry
+        message = fresh.popleft()
+        if message is None or message.__class__ is Entry:
+            # An entry read from a store has its place among the others.
+            return message
         entry = self._entries[message.id] = Entry(message, self)
         return entry
 
@@ -311,7 +316,7 @@ class Queue:
             fresh = self._fresh
             index = fresh.find(message_id)
             if index >= 0:
-                entry = Entry(unpack(fresh.record(index), self.event), self)
+                entry = Entry(fresh.message_at(index), self)
         return entry
 
     def give_back(self, entry):
@@ -335,7 +340,7 @@ class Queue:
             index = fresh.find(message_id)
             if index < 0:
                 return None
-            entry = Entry(unpack(fresh.take(index), self.event), self)
+            entry = Entry(fresh.take(index), self)
         entry.removed = True
         if entry.message.seq > self.last_seq:
             # Moved here from the dead letters: its row is past the
@@ -346,7 +351,7 @@ class Queue:
                 self.stale = True
         if entry.message.expires is not None:
             self.expiring -= 1
-        if not self._entries and not self._fresh:
+        if not self._entries and not self._fresh.count:
             # Nothing left: drop the removed entries still waiting in the
             # ready structures.
             self._fresh.clear()
@@ -362,7 +367,7 @@ class Queue:
             for e in list(self._entries.values())
             if e.owner is None
         ]
-        fresh = [Entry(unpack(r, self.event), self) for r in self._fresh.records()]
+        fresh = [Entry(message, self) for message in self._fresh.messages()]
         self._fresh.clear()
         for entry in fresh:
             entry.removed = True

@@ -17,9 +17,9 @@ from .helpers import RecordingConnection
 
 
 def fresh_of(ids, first=1):
-    fresh = Fresh()
+    fresh = Fresh("e")
     for seq, message_id in enumerate(ids, first):
-        fresh.append(Message(message_id, "e", b"{}", seq, 1.5), "e")
+        fresh.append(Message(message_id, "e", b"{}", seq, 1.5))
     return fresh
 
 
@@ -54,7 +54,7 @@ class PackTests(SynchronousTestCase):
         self.assertEqual(fresh._ids, {})
         for seq in (1, 50, 100):
             index = fresh.find(f"abc-{seq}")
-            self.assertEqual(unpack(fresh.record(index), "e").seq, seq)
+            self.assertEqual(fresh.message_at(index).seq, seq)
         for missing in (
             "abc-0",
             "abc-101",
@@ -69,11 +69,13 @@ class PackTests(SynchronousTestCase):
     def test_other_ids(self):
         """MessageIds not ending in their own sequence number are found through the map, and look-alikes are not confused."""
         # seq 1: "m1"; 2: "x-012"; 3: "x-2" (names seq 2's number); 4: "y-4"
-        fresh = fresh_of(["m1", "x-012", "x-2", "y-4", "\u0663-\u0665"])
+        fresh = fresh_of(["m1", "x-012", "x-2", "y-4", "\u0663-\u0665", "last"])
         self.assertEqual(set(fresh._ids), {"m1", "x-012", "x-2", "\u0663-\u0665"})
         for seq, message_id in [(1, "m1"), (2, "x-012"), (3, "x-2"), (4, "y-4")]:
             index = fresh.find(message_id)
-            self.assertEqual(unpack(fresh.record(index), "e").seq, seq)
+            self.assertEqual(fresh.message_at(index).seq, seq)
+        self.assertEqual(fresh.message_at(fresh.find("last")).seq, 6)
+        self.assertEqual(fresh.find("\u0663-\u0665"), 4)
         self.assertEqual(fresh.find("x-4"), -1)
         self.assertEqual(fresh.find("x-3"), -1)
 
@@ -83,18 +85,22 @@ class PackTests(SynchronousTestCase):
         for seq in range(2, 3001, 2):
             fresh.take(fresh.find(f"p-{seq}"))
         fresh.take(fresh.find("odd"))
-        self.assertEqual((len(fresh), fresh._ids), (1500, {}))
+        self.assertEqual((fresh.count, fresh._ids), (1500, {}))
+        # All packed but the newest.
+        self.assertEqual({type(item) for item in fresh.items[:-1]}, {bytes, int})
         taken = []
         for _ in range(1200):
-            taken.append(header(fresh.popleft())[0])
+            taken.append(fresh.popleft().seq)
         self.assertEqual(taken, list(range(1, 2400, 2)))
         # Compacted on the way; what is left is still found.
-        self.assertLess(len(fresh._items), 3001)
-        self.assertEqual(unpack(fresh.record(fresh.find("p-2999")), "e").seq, 2999)
+        self.assertLess(len(fresh.items), 3001)
+        self.assertEqual(fresh.message_at(fresh.find("p-2999")).seq, 2999)
         self.assertEqual(fresh.find("p-2001"), -1)
         self.assertEqual(fresh.find("p-2000"), -1)
-        self.assertEqual(len(list(fresh.records())), 300)
-        self.assertEqual([header(r)[0] for r in fresh.after(2995)], [2997, 2999])
+        self.assertEqual(len(list(fresh.messages())), 300)
+        self.assertEqual([m.seq for m in fresh.after(2995)], [2997, 2999])
+        self.assertEqual(fresh.count_after(2995), 2)
+        self.assertEqual(list(fresh.ids())[-2:], [(2997, "p-2997"), (2999, "p-2999")])
 
 
 class PackedQueueTests(SynchronousTestCase):
