@@ -10,8 +10,10 @@ messageId without a dictionary when the messageId ends in "-<sequence
 number>" (as the broker makes them): the number is read back and the
 record found by bisection.  Other messageIds are kept in a dictionary.
 
-The newest message stays a message object until the next one comes: a
-queue whose consumers keep up sends it before that, and never packs it.
+The newest messages stay message objects until newer ones push them
+out: up to L{UNPACKED} in a queue nobody consumes, L{UNPACKED_CONSUMED}
+in one somebody does, which is likely to send them soon and would only
+pay for packing and unpacking them.
 """
 
 import bisect
@@ -28,6 +30,10 @@ _SEQ = struct.Struct("<q")
 _OWN_EVENT = 0xFFFF
 # Popped slots before the list is compacted, at least
 _COMPACT = 1024
+# The newest items of a queue left unpacked, at most: without consumers,
+# and with
+UNPACKED = 64
+UNPACKED_CONSUMED = 4096
 
 
 def pack(message, own_event):
@@ -134,7 +140,7 @@ def _number(message_id):
 class Fresh:
     """
     A queue's fresh messages in publish order: records, the newest
-    message unpacked, and among them the entries of messages read from a
+    messages unpacked, and among them the entries of messages read from a
     store that were sent before (those have an entry from the start; a
     removed one is skipped when it comes up).  What is taken from the
     front leaves L{None} behind (the list is compacted now and then); a
@@ -142,22 +148,27 @@ class Fresh:
     bisection still works.
 
     @ivar count: how many messages it holds, entries not counted.
-    @ivar items: records, at most one message (the last item), sequence
-        numbers of removed messages, entries, and L{None}s before C{head}.
+    @ivar items: records, messages (the newest, from C{unpacked} on),
+        sequence numbers of removed messages, entries, and L{None}s before
+        C{head}.
     @ivar head: where the first item not taken from the front is.  Once
-        every item is taken, C{items} is emptied: a queue checks that
-        before calling L{popleft}, on its hot path.
+        every item is taken, C{items} is emptied (and C{head} and
+        C{unpacked} are 0): a queue checks that before calling
+        L{popleft}, on its hot path.
+    @ivar unpacked: no message before this index is left unpacked.
     @ivar _ids: messageId -> sequence number, for the packed messages
-        whose messageId does not end in "-<sequence number>".
+        whose messageId does not end in "-<sequence number>" (those left
+        unpacked are looked for one by one).
     @ivar _event: the queue's event, left out of records.
     """
 
-    __slots__ = ("count", "items", "head", "_ids", "_event")
+    __slots__ = ("count", "items", "head", "unpacked", "_ids", "_event")
 
     def __init__(self, event):
         self.count = 0
         self.items = []
         self.head = 0
+        self.unpacked = 0
         self._ids = {}
         self._event = event
 
@@ -169,36 +180,40 @@ class Fresh:
         """
         return len(self.items) - self.head
 
-    def append(self, message):
+    def append(self, message, consumed=False):
         """
-        Add a message, published after every one it holds.
+        Add a message, published after every one it holds, to a queue that
+        has consumers (C{consumed}) or not.
         """
         items = self.items
-        if items and items[-1].__class__ is Message:
-            self._pack_last()
         items.append(message)
         self.count += 1
+        if len(items) - self.unpacked > (UNPACKED_CONSUMED if consumed else UNPACKED):
+            self._pack_oldest()
 
-    def _pack_last(self):
+    def _pack_oldest(self):
         """
-        Pack the newest message, and remember where to find it if its
-        messageId does not end in its sequence number.
+        Pack the oldest message left unpacked, and remember where to find
+        it if its messageId does not end in its sequence number.
         """
         items = self.items
-        message = items[-1]
-        items[-1] = pack(message, self._event)
-        message_id = message.id
-        if not message_id.endswith(f"-{message.seq}"):
-            self._ids[message_id] = message.seq
+        index = max(self.unpacked, self.head)
+        message = items[index]
+        self.unpacked = index + 1
+        if message.__class__ is Message:
+            items[index] = pack(message, self._event)
+            message_id = message.id
+            if not message_id.endswith(f"-{message.seq}"):
+                self._ids[message_id] = message.seq
 
     def append_entry(self, entry):
         """
         Add the entry of a message published after every one it holds.
         """
         items = self.items
-        if items and items[-1].__class__ is Message:
-            self._pack_last()
         items.append(entry)
+        if len(items) - self.unpacked > UNPACKED:
+            self._pack_oldest()
 
     def first(self):
         """
@@ -218,7 +233,7 @@ class Fresh:
             head += 1
         # Nothing left: an empty list tells it at once.
         items.clear()
-        self.head = 0
+        self.head = self.unpacked = 0
         return None
 
     def peek(self):
@@ -255,14 +270,15 @@ class Fresh:
                 continue
             if head == end:
                 items.clear()
-                head = 0
+                self.unpacked = head = 0
             elif head >= _COMPACT and head * 2 >= end:
                 del items[:head]
+                self.unpacked = max(0, self.unpacked - head)
                 head = 0
             self.head = head
             return item
         items.clear()
-        self.head = 0
+        self.head = self.unpacked = 0
         return None
 
     def _taken(self, message_id):
@@ -276,24 +292,22 @@ class Fresh:
         Where the message C{message_id} is, or -1.
         """
         items = self.items
-        if items:
-            last = items[-1]
-            if last.__class__ is Message and last.id == message_id:
-                return len(items) - 1
         seq = self._ids.get(message_id)
         if seq is None:
             seq = _number(message_id)
-            if seq is None:
-                return -1
-        items = self.items
-        index = bisect.bisect_left(items, seq, self.head, len(items), key=seq_of)
-        if index < len(items):
-            item = items[index]
-            cls = item.__class__
-            if cls is bytes:
-                if _id_of(item) == message_id:
+        if seq is not None:
+            index = bisect.bisect_left(items, seq, self.head, len(items), key=seq_of)
+            if index < len(items):
+                item = items[index]
+                cls = item.__class__
+                if cls is bytes:
+                    if _id_of(item) == message_id:
+                        return index
+                elif cls is Message and item.id == message_id:
                     return index
-            elif cls is Message and item.id == message_id:
+        for index in range(max(self.unpacked, self.head), len(items)):
+            item = items[index]
+            if item.__class__ is Message and item.id == message_id:
                 return index
         return -1
 
@@ -366,5 +380,5 @@ class Fresh:
     def clear(self):
         self.count = 0
         self.items.clear()
-        self.head = 0
+        self.head = self.unpacked = 0
         self._ids.clear()

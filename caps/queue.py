@@ -169,7 +169,7 @@ class Queue:
         if message.expires is not None:
             self.expiring += 1
         if not deliveries and dead is None:
-            self._fresh.append(message)
+            self._fresh.append(message, bool(self.consumers))
             return None
         entry = Entry(message, self, None, None, deliveries, dead=dead)
         self._entries[message.id] = entry
@@ -296,7 +296,7 @@ class Queue:
                 # packed, nor in fresh's map.  Fresh.popleft, inlined.
                 message = items[0]
                 items.clear()
-                fresh.head = 0
+                fresh.head = fresh.unpacked = 0
                 fresh.count -= 1
                 entry = self._entries[message.id] = Entry(message, self)
                 return entry

@@ -7,6 +7,7 @@ while ready, and the broker's dedupe without counting broker-made ids.
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from caps import packed
 from caps.broker import Broker
 from caps.frames import encode_json
 from caps.message import Message
@@ -67,27 +68,42 @@ class PackTests(SynchronousTestCase):
             self.assertEqual(fresh.find(missing), -1, missing)
 
     def test_other_ids(self):
-        """MessageIds not ending in their own sequence number are found through the map, and look-alikes are not confused."""
+        """MessageIds not ending in their own sequence number are found, packed (through the map) or not (one by one), and look-alikes are not confused."""
         # seq 1: "m1"; 2: "x-012"; 3: "x-2" (names seq 2's number); 4: "y-4"
-        fresh = fresh_of(["m1", "x-012", "x-2", "y-4", "\u0663-\u0665", "last"])
-        self.assertEqual(set(fresh._ids), {"m1", "x-012", "x-2", "\u0663-\u0665"})
-        for seq, message_id in [(1, "m1"), (2, "x-012"), (3, "x-2"), (4, "y-4")]:
-            index = fresh.find(message_id)
-            self.assertEqual(fresh.message_at(index).seq, seq)
-        self.assertEqual(fresh.message_at(fresh.find("last")).seq, 6)
-        self.assertEqual(fresh.find("\u0663-\u0665"), 4)
-        self.assertEqual(fresh.find("x-4"), -1)
-        self.assertEqual(fresh.find("x-3"), -1)
+        ids = ["m1", "x-012", "x-2", "y-4", "\u0663-\u0665", "last"]
+        odd = {"m1", "x-012", "x-2", "\u0663-\u0665", "last"}
+        for unpacked in (0, 1, 3, 64):
+            self.patch(packed, "UNPACKED", unpacked)
+            fresh = fresh_of(ids)
+            kinds = [type(item) for item in fresh.items]
+            left = min(unpacked, len(ids))
+            self.assertEqual(
+                kinds, [bytes] * (len(ids) - left) + [Message] * left, unpacked
+            )
+            self.assertEqual(set(fresh._ids), set(ids[: len(ids) - left]) & odd)
+            for seq, message_id in enumerate(ids, 1):
+                index = fresh.find(message_id)
+                self.assertEqual(fresh.message_at(index).seq, seq, message_id)
+            self.assertEqual(fresh.find("x-4"), -1)
+            self.assertEqual(fresh.find("x-3"), -1)
+            self.assertEqual(fresh.take(fresh.find("last")).seq, 6)
+            self.assertEqual(fresh.find("last"), -1)
+            self.assertEqual(fresh.popleft().id, "m1")
+            self.assertEqual(fresh.find("m1"), -1)
+            self.assertEqual(fresh.count, 4)
 
     def test_take_and_pop(self):
         """Removing records from the middle keeps the rest findable, and taking from the front skips them."""
+        self.patch(packed, "UNPACKED", 64)
         fresh = fresh_of([f"p-{seq}" for seq in range(1, 3001)] + ["odd"])
         for seq in range(2, 3001, 2):
             fresh.take(fresh.find(f"p-{seq}"))
         fresh.take(fresh.find("odd"))
         self.assertEqual((fresh.count, fresh._ids), (1500, {}))
         # All packed but the newest.
-        self.assertEqual({type(item) for item in fresh.items[:-1]}, {bytes, int})
+        newest = -packed.UNPACKED
+        self.assertEqual({type(item) for item in fresh.items[:newest]}, {bytes, int})
+        self.assertEqual({type(item) for item in fresh.items[newest:]}, {Message, int})
         taken = []
         for _ in range(1200):
             taken.append(fresh.popleft().seq)
@@ -106,6 +122,7 @@ class PackTests(SynchronousTestCase):
 class PackedQueueTests(SynchronousTestCase):
     def test_remove_ready_keeps_order(self):
         """A ready message removed by messageId is never handed out; the others come out in order."""
+        self.patch(packed, "UNPACKED", 2)
         queue = Queue("c", "e")
         for seq in range(1, 6):
             queue.append(Message(f"k-{seq}", "e", b"{}", seq, 0.0))
@@ -127,7 +144,14 @@ class PackedQueueTests(SynchronousTestCase):
 
 
 class PackedBrokerTests(SynchronousTestCase):
+    """
+    The broker with every fresh message packed at once.
+    """
+
+    unpacked = 0
+
     def setUp(self):
+        self.patch(packed, "UNPACKED", self.unpacked)
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.broker = Broker(self.clock)
@@ -226,3 +250,12 @@ class PackedBrokerTests(SynchronousTestCase):
         )
         self.assertTrue(self.broker.received("q", "e", made)["deleted"])
         self.assertEqual(self.broker._state.live, {})
+
+
+class UnpackedBrokerTests(PackedBrokerTests):
+    """
+    The same, with the newest fresh messages left unpacked (as many as
+    the tests publish).
+    """
+
+    unpacked = 64
