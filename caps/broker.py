@@ -567,8 +567,11 @@ class Broker(Delivery, Paging):
         known = state.queues
         existing = [known.get((client_id, event)) for client_id in to]
         matched = self._index.match(event, payload)
-        for queue in (*existing, *matched):
+        for queue in existing:
             if queue is not None:
+                self._check_room(queue)
+        for queue in matched:
+            if queue not in existing:
                 self._check_room(queue)
         if None in existing:
             existing = [
@@ -608,7 +611,7 @@ class Broker(Delivery, Paging):
                     queue.spilled += 1
                     continue
                 held += 1
-                queue.append(message)
+                queue.append(message, numbered=not counted)
                 if expires is not None:
                     self._watch_expiry(queue)
                 if queue.with_room:

@@ -156,9 +156,8 @@ class Fresh:
         C{unpacked} are 0): a queue checks that before calling
         L{popleft}, on its hot path.
     @ivar unpacked: no message before this index is left unpacked.
-    @ivar _ids: messageId -> sequence number, for the packed messages
-        whose messageId does not end in "-<sequence number>" (those left
-        unpacked are looked for one by one).
+    @ivar _ids: messageId -> sequence number, for the messages whose
+        messageId does not end in "-<sequence number>".
     @ivar _event: the queue's event, left out of records.
     """
 
@@ -180,21 +179,25 @@ class Fresh:
         """
         return len(self.items) - self.head
 
-    def append(self, message, consumed=False):
+    def append(self, message, consumed=False, numbered=False):
         """
         Add a message, published after every one it holds, to a queue that
-        has consumers (C{consumed}) or not.
+        has consumers (C{consumed}) or not; C{numbered} if its messageId is
+        known to end in "-<its seq>".
         """
         items = self.items
         items.append(message)
         self.count += 1
+        if not numbered:
+            message_id = message.id
+            if not message_id.endswith(f"-{message.seq}"):
+                self._ids[message_id] = message.seq
         if len(items) - self.unpacked > (UNPACKED_CONSUMED if consumed else UNPACKED):
             self._pack_oldest()
 
     def _pack_oldest(self):
         """
-        Pack the oldest message left unpacked, and remember where to find
-        it if its messageId does not end in its sequence number.
+        Pack the oldest message left unpacked.
         """
         items = self.items
         index = max(self.unpacked, self.head)
@@ -202,9 +205,6 @@ class Fresh:
         self.unpacked = index + 1
         if message.__class__ is Message:
             items[index] = pack(message, self._event)
-            message_id = message.id
-            if not message_id.endswith(f"-{message.seq}"):
-                self._ids[message_id] = message.seq
 
     def append_entry(self, entry):
         """
@@ -305,10 +305,6 @@ class Fresh:
                         return index
                 elif cls is Message and item.id == message_id:
                     return index
-        for index in range(max(self.unpacked, self.head), len(items)):
-            item = items[index]
-            if item.__class__ is Message and item.id == message_id:
-                return index
         return -1
 
     def message_at(self, index):

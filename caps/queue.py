@@ -156,11 +156,13 @@ class Queue:
     def __contains__(self, message_id):
         return message_id in self._entries or self._fresh.find(message_id) >= 0
 
-    def append(self, message, deliveries=0, dead=None):
+    def append(self, message, deliveries=0, dead=None, numbered=False):
         """
         Add a message at the end: newly published, or loaded from a store
         with the number of times it was sent before and, for a dead letter,
-        why and when it died.
+        why and when it died.  C{numbered} tells that its messageId is
+        known to end in "-<its seq>" (one the broker made), which saves
+        looking.
 
         @return: its L{Entry} if it has one now (sent before, or dead), or
             L{None} (kept packed).
@@ -169,7 +171,7 @@ class Queue:
         if message.expires is not None:
             self.expiring += 1
         if not deliveries and dead is None:
-            self._fresh.append(message, bool(self.consumers))
+            self._fresh.append(message, bool(self.consumers), numbered)
             return None
         entry = Entry(message, self, None, None, deliveries, dead=dead)
         self._entries[message.id] = entry
@@ -293,11 +295,9 @@ class Queue:
                 return None
             if len(items) == 1 and items[0].__class__ is Message:
                 # Sent as soon as published (consumers keep up): never
-                # packed, nor in fresh's map.  Fresh.popleft, inlined.
+                # packed.  Fresh.popleft, shortened.
                 message = items[0]
-                items.clear()
-                fresh.head = fresh.unpacked = 0
-                fresh.count -= 1
+                fresh.clear()
                 entry = self._entries[message.id] = Entry(message, self)
                 return entry
         message = fresh.popleft()
