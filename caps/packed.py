@@ -23,11 +23,11 @@ import struct
 from caps.message import Message
 
 # seq, time, expires (NaN for none), messageId length, event length
-_HEADER = struct.Struct("<qddHH")
+_HEADER = struct.Struct("<qddII")
 _SIZE = _HEADER.size
 _SEQ = struct.Struct("<q")
 # Event length meaning "the queue's own event"
-_OWN_EVENT = 0xFFFF
+_OWN_EVENT = 0xFFFFFFFF
 # Popped slots before the list is compacted, at least
 _COMPACT = 1024
 # The newest items of a queue left unpacked, at most: without consumers,
