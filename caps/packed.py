@@ -3,8 +3,8 @@ A queue's fresh messages (never sent yet), packed: one bytes object per
 message, in publish order, instead of a message object, an entry object
 and a dictionary slot each.  Pure data structure, no I/O.
 
-A record is a header (sequence number, time, expiry, the lengths of the
-messageId and of the event) followed by the messageId, the event (left
+A record is a header (sequence number, time, expiry, the length of the
+messageId) followed by the messageId, the event with its length (left
 out when it is the queue's own) and the payload.  Records are found by
 messageId without a dictionary when the messageId ends in "-<sequence
 number>" (as the broker makes them): the number is read back and the
@@ -22,12 +22,14 @@ import struct
 
 from caps.message import Message
 
-# seq, time, expires (NaN for none), messageId length, event length
-_HEADER = struct.Struct("<qddII")
+# seq, time, expires (NaN for none), messageId length (its top bit set
+# when the record holds an event of its own, its length after the
+# messageId)
+_HEADER = struct.Struct("<qddI")
 _SIZE = _HEADER.size
 _SEQ = struct.Struct("<q")
-# Event length meaning "the queue's own event"
-_OWN_EVENT = 0xFFFFFFFF
+_LENGTH = struct.Struct("<I")
+_OWN_EVENT_NOT = 0x80000000
 # Popped slots before the list is compacted, at least
 _COMPACT = 1024
 # The newest items of a queue left unpacked, at most: without consumers,
@@ -42,16 +44,12 @@ def pack(message, own_event):
     """
     message_id = message.id.encode("utf-8")
     expires = message.expires
+    if expires is None:
+        expires = math.nan
     if message.event == own_event:
         return b"".join(
             (
-                _HEADER.pack(
-                    message.seq,
-                    message.time,
-                    math.nan if expires is None else expires,
-                    len(message_id),
-                    _OWN_EVENT,
-                ),
+                _HEADER.pack(message.seq, message.time, expires, len(message_id)),
                 message_id,
                 message.payload,
             )
@@ -62,11 +60,11 @@ def pack(message, own_event):
             _HEADER.pack(
                 message.seq,
                 message.time,
-                math.nan if expires is None else expires,
-                len(message_id),
-                len(event),
+                expires,
+                len(message_id) | _OWN_EVENT_NOT,
             ),
             message_id,
+            _LENGTH.pack(len(event)),
             event,
             message.payload,
         )
@@ -77,24 +75,29 @@ def unpack(record, own_event):
     """
     The L{Message} a record holds.
     """
-    seq, time, expires, id_length, event_length = _HEADER.unpack_from(record)
-    start = _SIZE + id_length
-    message_id = record[_SIZE:start].decode("utf-8")
-    if event_length == _OWN_EVENT:
-        event = own_event
-    else:
-        event = record[start : start + event_length].decode("utf-8")
-        start += event_length
+    seq, time, expires, id_length = _HEADER.unpack_from(record)
     if expires != expires:
         expires = None
-    return Message(message_id, event, record[start:], seq, time, expires)
+    if id_length & _OWN_EVENT_NOT:
+        id_length &= ~_OWN_EVENT_NOT
+        start = _SIZE + id_length
+        (event_length,) = _LENGTH.unpack_from(record, start)
+        start += _LENGTH.size
+        event = record[start : start + event_length].decode("utf-8")
+        payload = record[start + event_length :]
+    else:
+        start = _SIZE + id_length
+        event = own_event
+        payload = record[start:]
+    message_id = record[_SIZE : _SIZE + id_length].decode("utf-8")
+    return Message(message_id, event, payload, seq, time, expires)
 
 
 def header(record):
     """
     A record's C{(seq, time, expires)}.
     """
-    seq, time, expires, _, _ = _HEADER.unpack_from(record)
+    seq, time, expires, _ = _HEADER.unpack_from(record)
     return seq, time, None if expires != expires else expires
 
 
@@ -124,7 +127,8 @@ def head_of(item):
 
 
 def _id_of(record):
-    return record[_SIZE : _SIZE + _HEADER.unpack_from(record)[3]].decode("utf-8")
+    length = _HEADER.unpack_from(record)[3] & ~_OWN_EVENT_NOT
+    return record[_SIZE : _SIZE + length].decode("utf-8")
 
 
 def _number(message_id):
