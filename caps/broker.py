@@ -117,6 +117,7 @@ class Broker(Delivery, Paging):
         self._events = EventLog(self.clock, self.log)
         self._state = self.store.load()
         queues = list(self._state.queues.values())
+        self._count_live(queues)
         for queue in queues:
             self._by_client.setdefault(queue.client_id, {})[queue] = None
         for queue in queues:
@@ -132,6 +133,21 @@ class Broker(Delivery, Paging):
                 for entry in list(queue.entries()):
                     if entry.deliveries >= self.max_deliveries:
                         self._dead_letter(entry, "max-deliveries")
+
+    def _count_live(self, queues):
+        """
+        Count again the queues holding each message in memory, as this
+        broker counts them (see L{_counted}): a broker started on the state
+        of another (the memory store's, in the same process) did not make
+        those messageIds, so it counts them all.
+        """
+        live = self._state.live
+        live.clear()
+        prefix = self._id_prefix
+        for queue in queues:
+            for seq, message_id in queue.message_ids():
+                if message_id != f"{prefix}{seq}":
+                    live[message_id] = live.get(message_id, 0) + 1
 
     def stop(self):
         """
@@ -222,11 +238,7 @@ class Broker(Delivery, Paging):
         queue = self._queues.get((client_id, event))
         if queue is None:
             return [], 0
-        entries = sorted(
-            (e for e in queue.entries() if e.message.seq > after),
-            key=lambda e: e.message.seq,
-        )
-        shown = entries[:limit]
+        shown, count = queue.held_after(after, limit)
         rows = [
             {
                 "seq": e.message.seq,
@@ -238,7 +250,7 @@ class Broker(Delivery, Paging):
             }
             for e in shown
         ]
-        return rows, len(entries) - len(shown) + queue.spilled
+        return rows, count - len(shown) + queue.spilled
 
     def purge(self, client_id, event):
         """
@@ -252,8 +264,7 @@ class Broker(Delivery, Paging):
         if queue is None:
             return 0
         purged = 0
-        for entry in [e for e in queue.entries() if e.owner is None]:
-            queue.remove(entry.message.id)
+        for entry in queue.purge():
             self.store.entry_removed(queue, entry.message)
             self._release(entry.message)
             purged += 1
@@ -476,8 +487,8 @@ class Broker(Delivery, Paging):
             if session.full:
                 # Sent up to the connection's limit: the rest waits for
                 # acknowledgements, unless there is no rest.
-                head = queue.peek_ready()
-                if head is not None and head.message.seq <= catchup.until:
+                head = queue.ready_head()
+                if head is not None and head[0] <= catchup.until:
                     return
             if queue.spilled and queue.last_seq < catchup.until:
                 # The rest it covers is still in the store.
@@ -549,15 +560,18 @@ class Broker(Delivery, Paging):
         seen = state.seen
         if seen:
             self._forget_old_ids(now)
-        if message_id is not None and (message_id in state.live or message_id in seen):
+        if message_id is not None and self._held(message_id):
             return {"messageId": message_id, "queues": 0, "duplicate": True}
         # Check every limit before changing anything, even creating the
         # addressees' queues (a new queue is empty, so never full).
         known = state.queues
         existing = [known.get((client_id, event)) for client_id in to]
         matched = self._index.match(event, payload)
-        for queue in (*existing, *matched):
+        for queue in existing:
             if queue is not None:
+                self._check_room(queue)
+        for queue in matched:
+            if queue not in existing:
                 self._check_room(queue)
         if None in existing:
             existing = [
@@ -572,8 +586,9 @@ class Broker(Delivery, Paging):
         else:
             queues = list(dict.fromkeys(existing + matched))
         if message_id is None:
-            message_id = self._new_id()
+            message_id, counted = self._new_id()
         else:
+            counted = True
             remember = now + self.dedupe_window
             seen[message_id] = remember
             self.store.id_remembered(message_id, remember)
@@ -596,12 +611,12 @@ class Broker(Delivery, Paging):
                     queue.spilled += 1
                     continue
                 held += 1
-                queue.append(message)
+                queue.append(message, numbered=not counted)
                 if expires is not None:
                     self._watch_expiry(queue)
                 if queue.with_room:
                     self._pump(queue)
-            if held:
+            if held and counted:
                 state.live[message_id] = held
         return {"messageId": message_id, "queues": len(queues)}
 
@@ -619,7 +634,9 @@ class Broker(Delivery, Paging):
     def _new_id(self):
         """
         A messageId no message has: the broker's random prefix and the next
-        sequence number, skipping any a client chose for itself.
+        sequence number, skipping any a client chose for itself; and
+        whether it must be counted in C{state.live} (it was skipped, so its
+        number is not its message's sequence number).
         """
         state = self._state
         seq = state.seq + 1
@@ -627,7 +644,29 @@ class Broker(Delivery, Paging):
             message_id := f"{self._id_prefix}{seq}"
         ) in state.live or message_id in state.seen:
             seq += 1
-        return message_id
+        return message_id, seq != state.seq + 1
+
+    def _counted(self, message):
+        """
+        Whether C{state.live} counts the queues holding C{message}: all but
+        those whose messageId the broker made from their sequence number
+        (a queue finds those by that number; see L{_held}).
+        """
+        return message.id != f"{self._id_prefix}{message.seq}"
+
+    def _held(self, message_id):
+        """
+        Whether a message with this messageId is in memory in some queue,
+        or was published with it within the dedupe window.
+        """
+        state = self._state
+        if message_id in state.live or message_id in state.seen:
+            return True
+        prefix = self._id_prefix
+        if not message_id.startswith(prefix):
+            return False
+        # One the broker made (or a client copied): not counted, so look.
+        return any(message_id in queue for queue in state.queues.values())
 
     def _forget_old_ids(self, now):
         seen = self._seen
@@ -641,8 +680,12 @@ class Broker(Delivery, Paging):
         """
         A queue no longer holds C{message} in memory.
         """
-        count = self._live[message.id] - 1
-        if count:
-            self._live[message.id] = count
+        live = self._live
+        count = live.get(message.id)
+        if count is None:
+            # Not counted (see L{_counted}).
+            return
+        if count > 1:
+            live[message.id] = count - 1
         else:
-            del self._live[message.id]
+            del live[message.id]

@@ -113,11 +113,11 @@ class Delivery:
         if until is None and not queue.expiring:
             return queue.pop_ready()
         now = None
-        while (entry := queue.peek_ready()) is not None:
-            if until is not None and entry.message.seq > until:
+        while (head := queue.ready_head()) is not None:
+            seq, _, expires = head
+            if until is not None and seq > until:
                 return None
-            queue.pop_ready()
-            expires = entry.message.expires
+            entry = queue.pop_ready()
             if expires is None or queue.holds_dead_letters:
                 return entry
             if now is None:
@@ -309,12 +309,11 @@ class Delivery:
         now = self.clock.seconds()
         for queue in list(self._expiring):
             try:
-                while (entry := queue.peek_ready()) is not None:
-                    expires = entry.message.expires
+                while (head := queue.ready_head()) is not None:
+                    expires = head[2]
                     if expires is None or expires > now:
                         break
-                    queue.pop_ready()
-                    self._dead_letter(entry, "expired")
+                    self._dead_letter(queue.pop_ready(), "expired")
             except Exception:
                 # One queue's failure must not stop the sweep for all.
                 self.log.failure("expiring messages of {queue} failed", queue=queue.key)

@@ -194,7 +194,7 @@ def queue_row(broker, queue, now):
     One queue as the operator's page shows it.
     """
     dead = broker.queue(queue.client_id, queue.event + ".dead")
-    head = queue.peek_ready()
+    head = queue.ready_head()
     return {
         "clientId": queue.client_id,
         "event": queue.event,
@@ -203,7 +203,7 @@ def queue_row(broker, queue, now):
         "deadLetters": len(dead) if dead is not None else 0,
         "consumers": len(queue.consumers),
         "subscribed": queue.subscribed,
-        "oldestAge": (now - head.message.time) if head is not None else None,
+        "oldestAge": (now - head[1]) if head is not None else None,
         "published": queue.published,
         "delivered": queue.delivered,
     }

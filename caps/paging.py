@@ -75,12 +75,16 @@ class Paging:
                 # Else moved here (a dead letter requeued) and already held.
                 continue
             queue.spilled -= 1
-            entry = queue.append(message, deliveries)
-            entry.dead = dead
-            live[message.id] = live.get(message.id, 0) + 1
+            entry = queue.append(message, deliveries, dead)
+            if self._counted(message):
+                live[message.id] = live.get(message.id, 0) + 1
             if message.expires is not None:
                 self._watch_expiry(queue)
-            if not queue.holds_dead_letters and deliveries >= self.max_deliveries:
+            if (
+                entry is not None
+                and not queue.holds_dead_letters
+                and deliveries >= self.max_deliveries
+            ):
                 self._dead_letter(entry, "max-deliveries")
         if rows:
             # Skipped rows too: a later read must not find them again.
@@ -164,8 +168,7 @@ class Paging:
                 entry = queue.get(message_id)
                 if entry is not None and entry.message.seq == seq:
                     # Read back meanwhile: remove it from memory too.
-                    queue.remove(message_id)
-                    self._removed(queue, entry)
+                    self._removed(queue, queue.remove(message_id))
                 elif self._state.queues.get(queue.key) is queue and (
                     seq > queue.last_seq
                 ):

@@ -10,32 +10,14 @@ from collections import deque
 import attrs
 
 from caps.frames import DEAD_SUFFIX, encode_json
+from caps.message import Message
+from caps.packed import Fresh, head_of, seq_of
+
+__all__ = ["Entry", "Message", "Queue"]
 
 # Breaks ties in the returned heap: the same message can be there twice
 # (given back, removed, then put back by a requeue).
 _order = itertools.count()
-
-
-@attrs.define(eq=False)
-class Message:
-    """
-    A published message, shared by every queue it was routed to.  Nothing
-    changes it once it is made (a frozen attrs class would take three times
-    as long to build, and one is built for every publish).
-
-    @ivar seq: the broker's publish counter: orders messages in every queue.
-    @ivar payload: compact JSON bytes, encoded once at publish.
-    @ivar time: when the broker accepted it, in seconds since the epoch.
-    @ivar expires: when it goes to the dead letters unless delivered and
-        acknowledged before, or L{None}.
-    """
-
-    id: str
-    event: str
-    payload: bytes
-    seq: int
-    time: float
-    expires: float | None = None
 
 
 @attrs.define(eq=False, slots=True)
@@ -70,12 +52,19 @@ class Queue:
     """
     The messages of (clientId, event), oldest first.
 
-    Fresh messages wait in a deque in publish order.  A message given back
-    (its consumer went away) or moved here from another queue goes to a
-    heap ordered by publish sequence, so it is sent again before anything
-    newer; the next message to send is the older of the heap's smallest and
-    the deque's first.  Acknowledging a ready message marks it removed
-    instead of searching for it.
+    Fresh messages (never sent) wait packed (L{caps.packed.Fresh}) in
+    publish order, with no L{Entry}: one is made when a message is taken
+    to be sent, and kept in C{_entries} until the message is removed.  A
+    message given back (its consumer went away), moved here from another
+    queue or read from a store with deliveries or a death goes to a heap
+    ordered by publish sequence, so it is sent again before anything newer;
+    the next message to send is the older of the heap's smallest and the
+    first fresh one.  Acknowledging an entry that is ready marks it removed
+    instead of searching the heap for it.
+
+    L{entries}, L{get}, L{peek_ready}, L{remove} and L{clear} answer for a
+    fresh message with an entry made for the occasion, not kept: changing
+    it changes nothing in the queue.
 
     @ivar qid: the queue's number in the store.
     @ivar filter: the subscription filter routing unaddressed messages here,
@@ -118,8 +107,9 @@ class Queue:
     stale: bool = False
     # Sessions whose getAll waits for its tail to be read back
     waiting: dict = attrs.Factory(dict)
+    # Messages with an entry: messageId -> Entry
     _entries: dict = attrs.Factory(dict)
-    _fresh: deque = attrs.Factory(deque)
+    _fresh: Fresh = attrs.Factory(lambda self: Fresh(self.event), takes_self=True)
     _returned: list = attrs.Factory(list)
     # Encoded once: written in every delivery frame.
     client_json: bytes = attrs.field(init=False)
@@ -146,14 +136,14 @@ class Queue:
         How many messages the queue holds, ready or in flight, in memory
         or in the store only.
         """
-        return len(self._entries) + self.spilled
+        return len(self._entries) + self._fresh.count + self.spilled
 
     @property
     def in_memory(self):
         """
         How many of its messages are in memory.
         """
-        return len(self._entries)
+        return len(self._entries) + self._fresh.count
 
     @property
     def ready_in_memory(self):
@@ -161,22 +151,31 @@ class Queue:
         About how many fresh messages are ready in memory (an upper bound:
         acknowledged ones may still be counted).
         """
-        return len(self._fresh)
+        return self._fresh.slots
 
     def __contains__(self, message_id):
-        return message_id in self._entries
+        return message_id in self._entries or self._fresh.find(message_id) >= 0
 
-    def append(self, message, deliveries=0):
+    def append(self, message, deliveries=0, dead=None, numbered=False):
         """
         Add a message at the end: newly published, or loaded from a store
-        with the number of times it was sent before.
+        with the number of times it was sent before and, for a dead letter,
+        why and when it died.  C{numbered} tells that its messageId is
+        known to end in "-<its seq>" (one the broker made), which saves
+        looking.
+
+        @return: its L{Entry} if it has one now (sent before, or dead), or
+            L{None} (kept packed).
         """
-        entry = Entry(message, self, None, None, deliveries)
-        self._entries[message.id] = entry
-        self._fresh.append(entry)
         self.last_seq = message.seq
         if message.expires is not None:
             self.expiring += 1
+        if not deliveries and dead is None:
+            self._fresh.append(message, bool(self.consumers), numbered)
+            return None
+        entry = Entry(message, self, None, None, deliveries, dead=dead)
+        self._entries[message.id] = entry
+        self._fresh.append_entry(entry)
         return entry
 
     def recover(self):
@@ -192,9 +191,38 @@ class Queue:
 
     def entries(self):
         """
-        Every message's entry, in no particular order.
+        Every message's entry, in no particular order (those of fresh
+        messages made for the occasion).
         """
-        return self._entries.values()
+        return [
+            *self._entries.values(),
+            *(Entry(message, self) for message in self._fresh.messages()),
+        ]
+
+    def message_ids(self):
+        """
+        The C{(seq, messageId)} of every message in memory.
+        """
+        for message_id, entry in self._entries.items():
+            yield entry.message.seq, message_id
+        yield from self._fresh.ids()
+
+    def held_after(self, after, limit):
+        """
+        The entries of the messages in memory published after sequence
+        number C{after}, oldest first, at most C{limit}; and how many there
+        are in all.
+        """
+        held = sorted(
+            (e for e in self._entries.values() if e.message.seq > after),
+            key=lambda e: e.message.seq,
+        )
+        fresh = self._fresh
+        made = (Entry(message, self) for message in fresh.after(after))
+        merged = heapq.merge(held, made, key=lambda e: e.message.seq)
+        shown = list(itertools.islice(merged, limit))
+        count = len(held) + fresh.count_after(after)
+        return shown, count
 
     def insert(self, message, deliveries=0):
         """
@@ -211,18 +239,29 @@ class Queue:
     def _head(self):
         """
         Where the oldest ready message is: C{"returned"}, C{"fresh"} or
-        L{None}, dropping removed entries from the fronts on the way.
+        L{None}, dropping removed entries from the heap on the way.
         """
         returned = self._returned
-        fresh = self._fresh
         while returned and returned[0][2].removed:
             heapq.heappop(returned)
-        while fresh and fresh[0].removed:
-            fresh.popleft()
-        if returned and (not fresh or returned[0][0] < fresh[0].message.seq):
+        first = self._fresh.first()
+        if returned and (first is None or returned[0][0] < seq_of(first)):
             return "returned"
-        if fresh:
+        if first is not None:
             return "fresh"
+        return None
+
+    def ready_head(self):
+        """
+        The oldest ready message's C{(seq, time, expires)}, left in place;
+        or L{None}.
+        """
+        head = self._head()
+        if head == "returned":
+            message = self._returned[0][2].message
+            return message.seq, message.time, message.expires
+        if head == "fresh":
+            return head_of(self._fresh.first())
         return None
 
     def peek_ready(self):
@@ -233,7 +272,8 @@ class Queue:
         if head == "returned":
             return self._returned[0][2]
         if head == "fresh":
-            return self._fresh[0]
+            first = self._fresh.peek()
+            return first if first.__class__ is Entry else Entry(first, self)
         return None
 
     def pop_ready(self):
@@ -242,25 +282,42 @@ class Queue:
 
         The caller marks it in flight by setting its C{owner}.
         """
-        if not self._returned:
-            fresh = self._fresh
-            while fresh:
-                entry = fresh.popleft()
-                if not entry.removed:
-                    return entry
-            return None
-        head = self._head()
-        if head == "returned":
-            return heapq.heappop(self._returned)[2]
-        if head == "fresh":
-            return self._fresh.popleft()
-        return None
+        fresh = self._fresh
+        if self._returned:
+            head = self._head()
+            if head == "returned":
+                return heapq.heappop(self._returned)[2]
+            if head is None:
+                return None
+        else:
+            items = fresh.items
+            if not items:
+                return None
+            if len(items) == 1 and items[0].__class__ is Message:
+                # Sent as soon as published (consumers keep up): never
+                # packed.  Fresh.popleft, shortened.
+                message = items[0]
+                fresh.clear()
+                entry = self._entries[message.id] = Entry(message, self)
+                return entry
+        message = fresh.popleft()
+        if message is None or message.__class__ is Entry:
+            # An entry read from a store has its place among the others.
+            return message
+        entry = self._entries[message.id] = Entry(message, self)
+        return entry
 
     def get(self, message_id):
         """
         The entry of a message in this queue, or L{None}.
         """
-        return self._entries.get(message_id)
+        entry = self._entries.get(message_id)
+        if entry is None:
+            fresh = self._fresh
+            index = fresh.find(message_id)
+            if index >= 0:
+                entry = Entry(fresh.message_at(index), self)
+        return entry
 
     def give_back(self, entry):
         """
@@ -278,29 +335,53 @@ class Queue:
             that message.
         """
         entry = self._entries.pop(message_id, None)
-        if entry is not None:
+        if entry is None:
+            fresh = self._fresh
+            index = fresh.find(message_id)
+            if index < 0:
+                return None
+            entry = Entry(fresh.take(index), self)
+        entry.removed = True
+        if entry.message.seq > self.last_seq:
+            # Moved here from the dead letters: its row is past the
+            # messages in memory, where a read of the tail may find it.
+            if self.loading:
+                self.gone.add(entry.message.seq)
+            else:
+                self.stale = True
+        if entry.message.expires is not None:
+            self.expiring -= 1
+        if not self._entries and not self._fresh.count:
+            # Nothing left: drop the removed entries still waiting in the
+            # ready structures.
+            self._fresh.clear()
+            self._returned.clear()
+        return entry
+
+    def purge(self):
+        """
+        Delete every message not in flight; return the removed entries.
+        """
+        removed = [
+            self.remove(e.message.id)
+            for e in list(self._entries.values())
+            if e.owner is None
+        ]
+        fresh = [Entry(message, self) for message in self._fresh.messages()]
+        self._fresh.clear()
+        for entry in fresh:
             entry.removed = True
-            if entry.message.seq > self.last_seq:
-                # Moved here from the dead letters: its row is past the
-                # messages in memory, where a read of the tail may find it.
-                if self.loading:
-                    self.gone.add(entry.message.seq)
-                else:
-                    self.stale = True
             if entry.message.expires is not None:
                 self.expiring -= 1
-            if not self._entries:
-                # Nothing left: drop the removed entries still waiting in
-                # the ready structures.
-                self._fresh.clear()
-                self._returned.clear()
-        return entry
+        if not self._entries:
+            self._returned.clear()
+        return removed + fresh
 
     def clear(self):
         """
         Delete every message; return the removed entries.
         """
-        entries = list(self._entries.values())
+        entries = self.entries()
         for entry in entries:
             entry.removed = True
         self._entries.clear()

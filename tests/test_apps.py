@@ -49,13 +49,15 @@ class AppTests(SynchronousTestCase):
         self.vendor(interval=2.0, orders=3)
         self.net.advance(5)
         queue = self.net.broker.queue("driver", "pickup")
-        payloads = [json.loads(e.message.payload) for e in queue._entries.values()]
+        entries = sorted(queue.entries(), key=lambda e: e.message.seq)
+        payloads = [json.loads(e.message.payload) for e in entries]
         self.assertEqual(len(payloads), 3)
         for p in payloads:
             self.assertEqual(p["store"], "acme-widgets")
             self.assertEqual(set(p), {"store", "orderId", "customer", "address"})
         self.assertEqual(
-            list(queue._entries), ["pickup:" + p["orderId"] for p in payloads]
+            [e.message.id for e in entries],
+            ["pickup:" + p["orderId"] for p in payloads],
         )
         self.assertEqual(self.lines(ORDER), [p["orderId"] for p in payloads])
 
@@ -88,7 +90,7 @@ class AppTests(SynchronousTestCase):
         self.net.advance(1)
         [order] = self.lines(ORDER)
         self.assertEqual(
-            list(self.net.broker.queue("driver", "pickup")._entries),
+            [e.message.id for e in self.net.broker.queue("driver", "pickup").entries()],
             ["pickup:" + order],
         )
         self.assertIn(f"DRIVER ann: {order} in transit", self.out)

@@ -81,8 +81,7 @@ class RecordedChanges:
                 # was in the store only: the later one is a duplicate.
                 self._record(REMOVE_ENTRY, self._removal(queue, message))
                 continue
-            entry = queue.append(message, deliveries)
-            entry.dead = dead
+            queue.append(message, deliveries, dead)
             live[message.id] = live.get(message.id, 0) + 1
         if rows:
             queue.last_seq = rows[-1][0].seq
