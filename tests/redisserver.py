@@ -9,6 +9,7 @@ for C{skipIf}.
 import atexit
 import os
 import threading
+import time
 
 from caps.redisserver import AVAILABLE, HOST, RedisServer, free_port, skip_reason
 
@@ -36,3 +37,57 @@ def shared():
             # Some test killed it: later tests still get a server.
             _shared.restart()
         return _shared
+
+
+def replicated(primary, timeout=10.0):
+    """
+    Wait until a replica of C{primary} has everything the primary has: a
+    write, then C{WAIT}, which Redis answers once a replica acknowledged it
+    (or after C{timeout} seconds).  Returns how many replicas did.
+    """
+    with primary.client() as client:
+        client.set("caps:test:replicated", 1)
+        acknowledged = client.execute_command("WAIT", 1, int(timeout * 1000))
+        client.delete("caps:test:replicated")
+    return acknowledged
+
+
+class SentinelEvents:
+    """
+    The events Sentinels publish on a channel (C{+switch-master}, say),
+    heard from each of C{sentinels} from the moment this is made.
+    """
+
+    def __init__(self, sentinels, channel):
+        self.channel = channel
+        self._clients = [s.client() for s in sentinels]
+        self._subscriptions = [
+            c.pubsub(ignore_subscribe_messages=True) for c in self._clients
+        ]
+        for subscription in self._subscriptions:
+            subscription.subscribe(channel)
+
+    def wait(self, timeout=30.0):
+        """
+        Wait until every Sentinel has published an event on the channel, at
+        most C{timeout} seconds in all; return each one's first event.
+
+        @raise AssertionError: if one has not by then.
+        """
+        deadline = time.monotonic() + timeout
+        events = []
+        for subscription in self._subscriptions:
+            while (left := deadline - time.monotonic()) > 0:
+                message = subscription.get_message(timeout=left)
+                if message is not None and message["type"] == "message":
+                    events.append(message["data"])
+                    break
+            else:
+                raise AssertionError(f"no {self.channel} within {timeout} s")
+        return events
+
+    def close(self):
+        for subscription in self._subscriptions:
+            subscription.close()
+        for client in self._clients:
+            client.close()

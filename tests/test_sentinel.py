@@ -7,7 +7,6 @@ replica before its confirmation, so none is lost by the failover.
 """
 
 import json
-import time
 from unittest import skipIf
 
 from twisted.internet.task import Clock
@@ -24,7 +23,6 @@ from .test_store import synchronous
 SERVICE = "caps"
 # Seconds to wait for replication to start, or for a failover to finish.
 WAIT = 30.0
-POLL = 0.05
 
 
 def sentinel_config(port):
@@ -33,21 +31,6 @@ def sentinel_config(port):
         f"sentinel down-after-milliseconds {SERVICE} 500\n"
         f"sentinel failover-timeout {SERVICE} 3000\n"
     )
-
-
-def wait_for(condition, what):
-    """
-    Poll C{condition} (a real server's state) until it is true, for at most
-    L{WAIT} seconds.
-    """
-    deadline = time.monotonic() + WAIT
-    for _ in range(int(WAIT / POLL)):
-        if condition():
-            return
-        if time.monotonic() > deadline:
-            break
-        time.sleep(POLL)
-    raise AssertionError(f"not within {WAIT} s: {what}")
 
 
 @skipIf(not redisserver.AVAILABLE, redisserver.skip_reason)
@@ -60,11 +43,7 @@ class SentinelTests(SynchronousTestCase):
     def setUp(self):
         self.primary = self.start()
         self.replica = self.start("--replicaof", redisserver.HOST, self.primary.port)
-        with self.replica.client() as replica:
-            wait_for(
-                lambda: replica.info("replication")["master_link_status"] == "up",
-                "the replica in sync",
-            )
+        self.assertEqual(redisserver.replicated(self.primary, WAIT), 1)
         self.sentinels = [
             self.start(sentinel=sentinel_config(self.primary.port)) for _ in range(3)
         ]
@@ -75,10 +54,6 @@ class SentinelTests(SynchronousTestCase):
         )
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
-
-    def primary_port(self):
-        with self.sentinels[0].client() as sentinel:
-            return int(sentinel.sentinel_get_master_addr_by_name(SERVICE)[1])
 
     def publish(self, broker, n):
         payload = {"n": n}
@@ -94,24 +69,21 @@ class SentinelTests(SynchronousTestCase):
         self.addCleanup(broker.stop)
         self.publish(broker, 0)
         self.assertIsNone(store.flushed())
+        switched = redisserver.SentinelEvents(self.sentinels, "+switch-master")
+        self.addCleanup(switched.close)
         self.primary.kill()
-        wait_for(
-            lambda: self.primary_port() == self.replica.port,
-            "the replica promoted",
-        )
+        # Every Sentinel announces the replica as the new primary.
+        for event in switched.wait(WAIT):
+            self.assertTrue(event.endswith(b" %d" % self.replica.port), event)
         # The write fails while the store still counts the replica that is
         # now the primary, and is tried again every second: by then it has
         # counted again, and the connection asks the Sentinels where the
         # primary is.
-        # (The Sentinels may take a moment more to agree on the new
-        # primary: the retries go on, in real time, until one lands.)
         self.publish(broker, 1)
-
-        def written():
+        for _ in range(10):
+            if store.flushed() is None:
+                break
             self.clock.advance(1.0)
-            return store.flushed() is None
-
-        wait_for(written, "the write landing on the new primary")
         self.assertIsNone(store.flushed())
         self.assertTrue(store.available)
         self.flushLoggedErrors()
