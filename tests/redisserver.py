@@ -91,3 +91,22 @@ class SentinelEvents:
             subscription.close()
         for client in self._clients:
             client.close()
+
+
+class OnSharedServer:
+    """
+    Mixed into a test case: the shared server, emptied, as C{self.server},
+    a client of it as C{self.redis}, and a fake clock as C{self.clock}.
+    """
+
+    START = 1_700_000_000
+
+    def setUp(self):
+        from twisted.internet.task import Clock
+
+        self.server = shared()
+        self.redis = self.server.client()
+        self.addCleanup(self.redis.close)
+        self.redis.flushall()
+        self.clock = Clock()
+        self.clock.advance(self.START)

@@ -76,6 +76,20 @@ class _Paging:
         self.store = self.reopen_store()
         self.broker = Broker(self.clock, store=self.store, **self.options)
 
+    def publish_duplicate_after_window(self):
+        """
+        On a new broker, seven messages to (q, e), n=0 to 6, the fifth and
+        sixth with the same messageId ("dup"), the sixth published after the
+        dedupe window: with a window of four, both copies are on disk only.
+        """
+        self.open_broker()
+        for n in range(4):
+            self.publish(n)
+        self.publish(4, message_id="dup")
+        self.clock.advance(601)
+        self.publish(5, message_id="dup")
+        self.publish(6)
+
     def turn(self, count=20):
         """
         Let the store write what is pending and read back what was asked,
@@ -247,13 +261,7 @@ class PagingTests(_Paging, SynchronousTestCase):
 
     def test_restart_with_a_duplicate_in_the_window(self):
         """A messageId published again after the dedupe window, both copies read at a restart: the later copy is dropped, the first is sent once."""
-        self.open_broker()
-        for n in range(4):
-            self.publish(n)
-        self.publish(4, message_id="dup")
-        self.clock.advance(601)
-        self.publish(5, message_id="dup")
-        self.publish(6)
+        self.publish_duplicate_after_window()
         self.window = 10
         self.restart()
         queue = self.broker.queue("q", "e")

@@ -35,15 +35,7 @@ class ShownTests(SynchronousTestCase):
 
 
 @skipIf(not redisserver.AVAILABLE, redisserver.skip_reason)
-class RedisStoreTests(SynchronousTestCase):
-    def setUp(self):
-        self.server = redisserver.shared()
-        self.redis = self.server.client()
-        self.addCleanup(self.redis.close)
-        self.redis.flushall()
-        self.clock = Clock()
-        self.clock.advance(1_700_000_000)
-
+class RedisStoreTests(redisserver.OnSharedServer, SynchronousTestCase):
     def open(self, url=None, **options):
         store = RedisStore.open(
             url or self.server.url, self.clock, runner=synchronous, **options

@@ -48,15 +48,7 @@ class PasswordTests(SynchronousTestCase):
 
 
 @skipIf(not redisserver.AVAILABLE, redisserver.skip_reason)
-class LockTests(SynchronousTestCase):
-    def setUp(self):
-        self.server = redisserver.shared()
-        self.redis = self.server.client()
-        self.addCleanup(self.redis.close)
-        self.redis.flushall()
-        self.clock = Clock()
-        self.clock.advance(START)
-
+class LockTests(redisserver.OnSharedServer, SynchronousTestCase):
     def test_remove_by_id_checks_the_lock(self):
         """Acknowledging a message only Redis has does not delete it from a database another broker has taken."""
         store = RedisStore.open(self.server.url, self.clock, runner=synchronous)
@@ -78,13 +70,7 @@ class LockTests(SynchronousTestCase):
 class SpilledDuplicateTests(_OnRedis, _Paging, SynchronousTestCase):
     def test_acknowledged_duplicate_in_the_tail(self):
         """Acknowledging a messageId held twice in the tail (published again after the dedupe window) deletes both copies, as with SQLite."""
-        self.open_broker()
-        for n in range(4):
-            self.publish(n)
-        self.publish(4, message_id="dup")
-        self.clock.advance(601)
-        self.publish(5, message_id="dup")
-        self.publish(6)
+        self.publish_duplicate_after_window()
         self.turn()
         done = self.broker.received("q", "e", "dup")
         self.turn()
