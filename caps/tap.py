@@ -23,8 +23,8 @@ from caps.broker import (
 )
 from caps.options import positive_int, rate, seconds
 from caps.protocol import DEFAULT_MAX_LINE, IDLE_TIMEOUT, BrokerFactory
-from caps.store import is_redis, open_store
-from caps.store.sqlite import SYNC_MODES, WINDOW
+from caps.store import WINDOW, is_redis, open_store
+from caps.store.sqlite import SYNC_MODES
 
 DEFAULT_LISTEN = "tcp:3000:interface=127.0.0.1"
 DEFAULT_STORE = "sqlite:caps.sqlite3"

@@ -19,6 +19,9 @@ from zope.interface import Attribute, Interface
 from caps.frames import ProtocolError
 
 UNAVAILABLE = "the broker cannot write to its store now; try again later"
+# Messages of each queue the SQLite and Redis stores keep in memory; the
+# rest of a longer queue waits in the store and is read back as it drains.
+WINDOW = 10_000
 
 
 class StoreUnavailable(ProtocolError):
@@ -177,15 +180,13 @@ def open_store(description, clock, sync="full", window=None, durable=False):
     if kind == "sqlite" and rest:
         from caps.store.sqlite import SQLiteStore
 
-        if window is None:
-            return SQLiteStore.open(rest, clock, sync=sync)
-        return SQLiteStore.open(rest, clock, sync=sync, window=window)
+        return SQLiteStore.open(rest, clock, sync=sync, window=window or WINDOW)
     if is_redis(description):
         from caps.store.redis import RedisStore
 
-        if window is None:
-            return RedisStore.open(description, clock, durable=durable)
-        return RedisStore.open(description, clock, window=window, durable=durable)
+        return RedisStore.open(
+            description, clock, window=window or WINDOW, durable=durable
+        )
     raise StoreError(
         f"caps-broker: unknown store {description!r} "
         f"(use memory, sqlite:PATH or redis://HOST:PORT/DB)"

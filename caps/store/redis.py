@@ -28,7 +28,14 @@ from twisted.internet import task
 from zope.interface import implementer
 
 from caps.queue import Queue
-from caps.store import UNAVAILABLE, IStore, State, StoreError, StoreUnavailable
+from caps.store import (
+    UNAVAILABLE,
+    WINDOW,
+    IStore,
+    State,
+    StoreError,
+    StoreUnavailable,
+)
 from caps.store import redislayout as layout
 from caps.store.changes import RecordedChanges
 from caps.store.group import GroupCommit
@@ -38,8 +45,6 @@ from caps.store.schema import (
     SAVE_QUEUE,
 )
 
-# Messages of each queue kept in memory, as with SQLite.
-WINDOW = 10_000
 # Seconds the lock lasts unless renewed; renewed every LOCK_RENEW seconds.
 # A broker killed without closing holds the store until it expires.
 LOCK_TTL = 5.0
@@ -184,10 +189,10 @@ class RedisStore(GroupCommit, RecordedChanges):
         self._client = client
         # This broker's lock, the count of brokers that had taken it when
         # this one did, and the transactions written to the store so far
-        # (see _Written).
+        # (see _WriteCheck).
         token, self._epoch, written = lease
         self._token = token
-        self._check = _Written(token, written)
+        self._check = _WriteCheck(token, written)
         self._scripts = layout.Scripts(client)
         self._renew_lock = client.register_script(_RENEW)
         self._renewing = task.LoopingCall(self._renew)
@@ -249,12 +254,18 @@ class RedisStore(GroupCommit, RecordedChanges):
             queues[qid] = state.queues[client_id, event] = queue
             state.next_qid = max(state.next_qid, qid + 1)
         live = state.live
-        for qid, queue in queues.items():
+        # Each queue's length and last sequence number, in one round trip.
+        pipe = client.pipeline(transaction=False)
+        for qid in queues:
             seqs = layout.keys(qid)[0]
-            count = client.zcard(seqs)
+            pipe.zcard(seqs)
+            pipe.zrange(seqs, -1, -1)
+        found = pipe.execute()
+        for (qid, queue), count, last in zip(
+            queues.items(), found[::2], found[1::2], strict=True
+        ):
             if not count:
                 continue
-            last = client.zrange(seqs, -1, -1)
             state.seq = max(state.seq, int(last[0]))
             rows = layout.read_entries(client, self._scripts, qid, 0, self.window)
             self._fill(queue, rows, count, live)
@@ -426,7 +437,7 @@ def _take_lock(client, token, name, wait):
     return epoch
 
 
-class _Written:
+class _WriteCheck:
     """
     What a write checks before it lands, on the writer thread: that this
     broker holds the lock (C{token}), and that Redis has the C{count}

@@ -16,7 +16,7 @@ import time
 from zope.interface import implementer
 
 from caps.queue import Message, Queue
-from caps.store import IStore, State, StoreError
+from caps.store import WINDOW, IStore, State, StoreError
 from caps.store.batch import coalesce
 from caps.store.changes import RecordedChanges
 from caps.store.group import GroupCommit
@@ -37,9 +37,6 @@ SYNC_MODES = {"full": "FULL", "normal": "NORMAL"}
 # FREE_PAGES_KEPT back to the file system.
 FREE_PAGES_MAX = 1024
 FREE_PAGES_KEPT = 256
-# Messages of each queue kept in memory; the rest of a longer queue waits
-# on disk and is read back as the queue drains.
-WINDOW = 10_000
 
 
 def _lock(path):
