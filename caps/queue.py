@@ -236,6 +236,23 @@ class Queue:
             self.expiring += 1
         return entry
 
+    def take_in(self, message, deliveries=0, dead=None):
+        """
+        Hold a message that is neither ready nor in flight yet (claimed
+        from a shared store, about to be sent or made ready).
+        """
+        entry = Entry(message, self, deliveries=deliveries, dead=dead)
+        self._entries[message.id] = entry
+        if message.expires is not None:
+            self.expiring += 1
+        return entry
+
+    def make_ready(self, entry):
+        """
+        Make an entry from L{take_in} ready, at its place by publish order.
+        """
+        heapq.heappush(self._returned, (entry.message.seq, next(_order), entry))
+
     def _head(self):
         """
         Where the oldest ready message is: C{"returned"}, C{"fresh"} or

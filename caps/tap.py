@@ -53,6 +53,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "to its append-only file (WAITAOF; before Redis 7.2, appendfsync "
             "always is required) and, if it has replicas, one replica has it.",
         ],
+        [
+            "shared",
+            None,
+            "With a Redis store: share it with any number of other brokers "
+            "started with --shared on the same database; a client may connect "
+            "to any of them (docs/scaling.md).",
+        ],
     ]
     optParameters = [
         [
@@ -272,6 +279,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             )
         if self["redis-durable"] and not is_redis(self["store"]):
             raise usage.UsageError("--redis-durable needs a Redis --store")
+        if self["shared"] and not is_redis(self["store"]):
+            raise usage.UsageError("--shared needs a Redis --store")
         if self["sync"] not in SYNC_MODES:
             raise usage.UsageError(
                 f"--sync must be full or normal (not {self['sync']!r})"
@@ -401,14 +410,24 @@ def makeService(options, reactor=None):
     """
     if reactor is None:
         from twisted.internet import reactor
-    store = open_store(
-        options["store"],
-        reactor,
-        sync=options["sync"],
-        window=options["queue-window"],
-        durable=options["redis-durable"],
-    )
-    broker = Broker(
+    if options["shared"]:
+        from caps.sharedbroker import SharedBroker
+        from caps.store.shared import SharedStore
+
+        store = SharedStore.open(
+            options["store"], reactor, durable=options["redis-durable"]
+        )
+        make = SharedBroker
+    else:
+        store = open_store(
+            options["store"],
+            reactor,
+            sync=options["sync"],
+            window=options["queue-window"],
+            durable=options["redis-durable"],
+        )
+        make = Broker
+    broker = make(
         clock=reactor,
         store=store,
         ack_timeout=options["ack-timeout"],

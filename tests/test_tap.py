@@ -50,6 +50,17 @@ class OptionsTests(SynchronousTestCase):
             e = self.assertRaises(usage.UsageError, self.parse, "--store", bad)
             self.assertIn("memory, sqlite:PATH or redis://HOST:PORT/DB", str(e))
 
+    def test_shared_needs_redis(self):
+        """--shared is refused without a Redis store, accepted with one."""
+        for store in ("memory", "sqlite:x.db"):
+            e = self.assertRaises(
+                usage.UsageError, self.parse, "--store", store, "--shared"
+            )
+            self.assertEqual(str(e), "--shared needs a Redis --store")
+        self.assertTrue(
+            self.parse("--store", "redis://127.0.0.1:1/0", "--shared")["shared"]
+        )
+
     def test_queue_window(self):
         """--queue-window sets how much of each queue the SQLite store keeps in memory."""
         self.assertEqual(self.parse()["queue-window"], 10_000)

@@ -403,6 +403,11 @@ class RedisStore(GroupCommit, RecordedChanges):
 
 def _check_layout(client, name):
     layout = client.get(LAYOUT_KEY)
+    if layout == b"shared-1":
+        raise StoreError(
+            f"caps-broker: {name} is shared by several brokers: start this "
+            f"one with --shared too"
+        )
     if layout is None:
         if client.dbsize():
             raise StoreError(

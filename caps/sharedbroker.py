@@ -1,0 +1,691 @@
+"""
+A broker that shares its state with other brokers through one Redis
+(C{twistd caps-broker --store redis://... --shared}).
+
+Redis holds every queue's messages and decides what two brokers could
+disagree on (L{caps.store.sharedlayout}); this broker holds only the
+messages it has claimed for its own connections.  It uses the single
+broker's code for everything that happens between a claim and the message
+leaving: round robin over consumers, prefetch and the connection-wide
+limit, ack timeouts, delayed nacks.  What differs:
+
+  - a publish is decided by a script (dedupe, limits, sequence number,
+    every addressee), and answered from its result;
+  - routing uses every broker's subscriptions: the publish script refuses
+    a publish routed with an older subscriptions version (C{stale}), and
+    the broker reads them again and routes again;
+  - a consumer with room claims ready messages from Redis, when its queue
+    announces some (pub/sub) or when it gets room;
+  - a message leaving a consumer unacknowledged goes back to Redis, where
+    any broker may claim it; Redis moves it to the dead letters if it was
+    delivered too often or expired;
+  - a C{getAll} claims, for its connection, what the queue held when it
+    asked.
+"""
+
+import json
+
+import attrs
+from twisted.internet import defer
+
+from caps.broker import Broker
+from caps.frames import DEAD_SUFFIX, encode_json
+from caps.message import Message
+from caps.publishing import QueueFull
+from caps.queue import Queue
+from caps.store import UNAVAILABLE, StoreUnavailable
+from caps.store.redislayout import message as read_row
+from caps.store.shared import RETRY_DELAY, _subscriptions
+from caps.store.sharedlayout import dead_qid, qid
+
+# Messages one claim takes at most: consumers on other brokers get their
+# share of a busy queue.
+CLAIM_MOST = 200
+# Times a publish is routed again after the subscriptions changed under it.
+ROUTE_TRIES = 10
+
+
+@attrs.define(eq=False)
+class SharedCatchup:
+    """
+    A C{getAll} on a shared store: like L{caps.sessions.Catchup}, and
+    C{until} is learnt from the first claim (the last sequence number
+    published when it ran).
+
+    @ivar claiming: a claim for it is under way.
+    @ivar exhausted: Redis has no more ready messages it covers.
+    """
+
+    queue: object
+    until: int | None
+    done: object
+    count: int = 0
+    claiming: bool = False
+    exhausted: bool = False
+
+
+@attrs.define(eq=False)
+class SharedBroker(Broker):
+    """
+    A L{Broker} on a L{caps.store.shared.SharedStore}.
+    """
+
+    _by_qid: dict = attrs.Factory(dict)
+    # Queues with a claim under way, and those that heard of new ready
+    # messages meanwhile
+    _claiming: set = attrs.Factory(set)
+    _again: set = attrs.Factory(set)
+    # Queues whose last claim found Redis had nothing more ready
+    _drained: set = attrs.Factory(set)
+    _version: int = 0
+    _refreshing: bool = False
+    _refresh_again: bool = False
+    _refreshed: list = attrs.Factory(list)
+    # Queues -> subscription saves under way
+    _saving: dict = attrs.Factory(dict)
+
+    def __attrs_post_init__(self):
+        self._id_prefix = self.store.broker_id + "-"
+        super().__attrs_post_init__()
+        self._version = self.store.version
+        for queue in self._queues.values():
+            self._by_qid[queue.qid] = queue
+        self.store.attach(self)
+
+    def _queue(self, client_id, event):
+        queue = self._queues.get((client_id, event))
+        if queue is None:
+            queue = Queue(client_id, event, qid(client_id, event))
+            self._queues[client_id, event] = queue
+            self._by_client.setdefault(client_id, {})[queue] = None
+            self._by_qid[queue.qid] = queue
+        return queue
+
+    def _delete(self, queue):
+        super()._delete(queue)
+        self._by_qid.pop(queue.qid, None)
+        self._drained.discard(queue)
+
+    # What the other brokers did
+
+    def heard(self, kind, words):
+        """
+        News from the brokers' channel: C{ready} (qids with new ready
+        messages), C{subs} (a subscription changed), C{gone} (a message
+        this broker holds was acknowledged through another), or C{resync}
+        (the listener was cut off and may have missed some).
+        """
+        if kind == "ready":
+            for name in words:
+                queue = self._by_qid.get(name)
+                if queue is not None:
+                    self._woken(queue)
+        elif kind == "subs":
+            self._refresh()
+        elif kind == "gone":
+            broker, name, message_id = words[0], words[1], " ".join(words[2:])
+            queue = self._by_qid.get(name)
+            if broker == self.store.broker_id and queue is not None:
+                entry = queue.remove(message_id)
+                if entry is not None:
+                    if entry.owner is not None:
+                        self._take_back(entry)
+                    self._pump(queue)
+        elif kind == "resync":
+            self._refresh()
+            for queue in list(self._queues.values()):
+                self._woken(queue)
+
+    def _woken(self, queue):
+        self._drained.discard(queue)
+        if queue in self._claiming:
+            self._again.add(queue)
+        elif queue.with_room:
+            self._pump(queue)
+
+    def _refresh(self):
+        """
+        Read every subscription again (another broker changed one).
+        """
+        if self._refreshing:
+            self._refresh_again = True
+            return
+        self._refreshing = True
+        d = self.store.call("subscriptions", retry=True)
+        d.addCallbacks(self._got_subscriptions, self._refresh_failed)
+
+    def _refresh_failed(self, failure):
+        self._refreshing = False
+        self.log.failure("reading the shared subscriptions failed", failure)
+        self.clock.callLater(RETRY_DELAY, self._refresh)
+
+    def _got_subscriptions(self, answer):
+        self._refreshing = False
+        version, metas = _subscriptions(answer)
+        for client_id, event, subscribed, flt, max_length in metas.values():
+            queue = self._queues.get((client_id, event))
+            if queue is None:
+                if not subscribed:
+                    # Routed to by address only: nothing to know here.
+                    continue
+                queue = self._queue(client_id, event)
+            if queue in self._saving:
+                # Its save, behind this read, is what counts.
+                continue
+            if (
+                queue.subscribed != subscribed
+                or queue.filter != flt
+                or queue.max_length != max_length
+            ):
+                queue.subscribed = subscribed
+                queue.filter = flt
+                queue.max_length = max_length
+                if subscribed:
+                    self._index.add(queue, flt)
+                else:
+                    self._index.remove(queue)
+        for queue in list(self._queues.values()):
+            if (
+                queue.qid not in metas
+                and queue.subscribed
+                and queue not in self._saving
+            ):
+                # Deleted through another broker.
+                self._delete(queue)
+        self._version = version
+        waiting, self._refreshed = self._refreshed, []
+        for d in waiting:
+            d.callback(None)
+        if self._refresh_again:
+            self._refresh_again = False
+            self._refresh()
+
+    def _fresh_subscriptions(self):
+        """
+        A L{Deferred} firing once the subscriptions were read again.
+        """
+        d = defer.Deferred()
+        self._refreshed.append(d)
+        self._refresh()
+        return d
+
+    # Publishing
+
+    def publish(
+        self, event, payload, body, to=(), message_id=None, ttl=None, sender=None
+    ):
+        self._check_writable()
+        done = defer.Deferred()
+        self._publish(
+            done, ROUTE_TRIES, event, payload, body, to, message_id, ttl, sender
+        )
+        return done
+
+    def _publish(self, done, tries, event, payload, body, to, message_id, ttl, sender):
+        now = self.clock.seconds()
+        if ttl is None:
+            ttl = self.default_ttl
+        expires = now + ttl if ttl is not None else None
+        matched = self._index.match(event, payload)
+        addressed = [qid(client_id, event) for client_id in to]
+        rest = b"".join(
+            [
+                b",",
+                encode_json(event),
+                b",",
+                repr(now).encode("ascii"),
+                b",",
+                b"null" if expires is None else repr(expires).encode("ascii"),
+                b",null,null]",
+            ]
+        )
+        d = self.store.call(
+            "publish",
+            self._version,
+            now,
+            b"" if message_id is None else encode_json(message_id),
+            now + self.dedupe_window,
+            event,
+            rest,
+            body,
+            self._id_prefix,
+            self.max_queue,
+            len(to),
+            *to,
+            *[queue.qid for queue in matched],
+            notify=addressed + [queue.qid for queue in matched],
+        )
+
+        def answered(answer):
+            kind = answer[0]
+            if kind == b"ok":
+                return self._published(
+                    answer, event, body, now, expires, to, matched, sender
+                )
+            if kind == b"duplicate":
+                return {
+                    "messageId": answer[1].decode("utf-8"),
+                    "queues": 0,
+                    "duplicate": True,
+                }
+            if kind == b"full":
+                client_id, target, count, limit = answer[1:]
+                raise QueueFull(
+                    f"queue ({client_id.decode('utf-8')}, {target.decode('utf-8')})"
+                    f" is full: {count} messages, the limit is {limit}"
+                )
+            # stale: a subscription changed since this broker read them.
+            if tries <= 1:
+                raise StoreUnavailable(UNAVAILABLE)
+            again = self._fresh_subscriptions()
+            again.addCallback(
+                lambda _: self._publish(
+                    done, tries - 1, event, payload, body, to, message_id, ttl, sender
+                )
+            )
+            return again
+
+        def settle(result):
+            if result is None or isinstance(result, defer.Deferred):
+                return
+            done.callback(result)
+
+        d.addCallback(answered)
+        d.addCallbacks(settle, done.errback)
+
+    def _published(self, answer, event, body, now, expires, to, matched, sender):
+        message_id = answer[1].decode("utf-8")
+        message = Message(message_id, event, body, int(answer[2]), now, expires)
+        # Addressees this broker does not serve are named, not kept.
+        queues = [
+            self._queues.get((client_id, event))
+            or Queue(client_id, event, qid(client_id, event))
+            for client_id in to
+        ]
+        queues = list(dict.fromkeys(queues + matched))
+        if self.log_events:
+            self._events.add(message)
+        self.monitor.published(message, queues, sender)
+        for queue in queues:
+            queue.published += 1
+            if queue.consumers:
+                self._woken(queue)
+        return {"messageId": message_id, "queues": int(answer[3])}
+
+    # Consuming
+
+    def subscribe(
+        self,
+        connection,
+        client_id,
+        event,
+        filter=None,
+        prefetch=None,
+        ack_timeout=None,
+        max_length=None,
+    ):
+        answer = super().subscribe(
+            connection, client_id, event, filter, prefetch, ack_timeout, max_length
+        )
+        queue = self._queues[client_id, event]
+        self._saving[queue] = self._saving.get(queue, 0) + 1
+        d = self.store.call(
+            "save",
+            queue.qid,
+            client_id,
+            event,
+            "1",
+            json.dumps(filter, separators=(",", ":")),
+            json.dumps(max_length),
+            retry=True,
+        )
+
+        def saved(result):
+            version, count = result
+            if version != self._version:
+                self._refresh()
+            return dict(answer, messages=count)
+
+        def settled(result):
+            left = self._saving.pop(queue) - 1
+            if left:
+                self._saving[queue] = left
+            return result
+
+        return d.addCallback(saved).addBoth(settled)
+
+    def unsubscribe(self, connection, client_id, event, delete=False):
+        if delete:
+            self._check_writable()
+            self._queue(client_id, event)
+        answer = super().unsubscribe(connection, client_id, event, delete)
+        if not delete:
+            return answer
+        d = self.store.call("delete", qid(client_id, event), retry=True)
+
+        def deleted(version):
+            if version != self._version:
+                self._refresh()
+            return answer
+
+        return d.addCallback(deleted)
+
+    def _pump(self, queue):
+        super()._pump(queue)
+        if queue.with_room:
+            if queue not in self._drained:
+                self._claim(queue)
+        elif not queue.consumers:
+            # Claimed for consumers that went away: ready for the others.
+            while (entry := queue.pop_ready()) is not None:
+                self._give(entry)
+
+    def _claim(self, queue):
+        if queue in self._claiming:
+            self._again.add(queue)
+            return
+        want = 0
+        for consumer in queue.with_room:
+            if consumer.has_room():
+                session = consumer.session
+                want += min(
+                    consumer.prefetch - consumer.held,
+                    session.max_unacked - len(session.in_flight),
+                )
+        want = min(want, CLAIM_MOST)
+        if want <= 0:
+            return
+        self._claiming.add(queue)
+        d = self._claim_call(queue, want, "")
+        d.addCallbacks(
+            self._claimed,
+            self._claim_failed,
+            callbackArgs=(queue, want),
+            errbackArgs=(queue,),
+        )
+
+    def _claim_call(self, queue, want, until):
+        return self.store.call(
+            "claim",
+            queue.qid,
+            self.store.broker_id,
+            want,
+            self.clock.seconds(),
+            self.max_deliveries,
+            until,
+            "1" if queue.holds_dead_letters else "0",
+        )
+
+    def _entries_of(self, answer, queue):
+        """
+        The messages a claim took, as entries of C{queue} not yet ready
+        nor in flight, and the sequence number it claimed up to.
+        """
+        count = int(answer[1])
+        entries = []
+        for i in range(2, 2 + 3 * count, 3):
+            message, deliveries, dead = read_row(
+                int(answer[i]), answer[i + 1], answer[i + 2]
+            )
+            entry = queue.take_in(message, deliveries - 1, dead)
+            entries.append(entry)
+        until = answer[0]
+        return entries, (int(until) if until else None)
+
+    def _claimed(self, answer, queue, want):
+        self._claiming.discard(queue)
+        again = queue in self._again
+        self._again.discard(queue)
+        entries, _ = self._entries_of(answer, queue)
+        if len(entries) < want and not again:
+            self._drained.add(queue)
+        if self._queues.get(queue.key) is not queue:
+            # Deleted or forgotten meanwhile.
+            for entry in entries:
+                self._give(entry)
+            return
+        for entry in entries:
+            queue.make_ready(entry)
+        self._pump(queue)
+
+    def _claim_failed(self, failure, queue):
+        self._claiming.discard(queue)
+        self._again.discard(queue)
+        self._unclaim(queue)
+        self.clock.callLater(RETRY_DELAY, self._pump, queue)
+
+    def _unclaim(self, queue):
+        """
+        A claim's answer was lost: give back whatever Redis says this
+        broker holds of C{queue} that it does not know it holds.
+        """
+        held = [entry.message.seq for entry in queue.entries()]
+        self.store.call(
+            "unclaim", self.store.broker_id, queue.qid, *held, retry=True
+        ).addErrback(self._failed, "giving back a lost claim")
+
+    def _failed(self, failure, what):
+        self.log.failure(what + " failed", failure)
+
+    # Catching up
+
+    def get_all(self, connection, client_id, event):
+        done = defer.Deferred()
+
+        def finished(count):
+            done.callback({"clientId": client_id, "event": event, "count": count})
+
+        session = self._sessions[connection]
+        queue = self._queue(client_id, event)
+        session.catchups.append(SharedCatchup(queue, None, finished))
+        if len(session.catchups) == 1:
+            self._continue_catchups(session)
+        return done
+
+    def _continue_catchups(self, session):
+        while session.catchups and not session.paused:
+            catchup = session.catchups[0]
+            if catchup.claiming:
+                return
+            if session.full:
+                # The rest waits for acknowledgements.
+                return
+            if catchup.exhausted:
+                session.catchups.popleft()
+                catchup.done(catchup.count)
+                self._forget(catchup.queue)
+                continue
+            want = min(CLAIM_MOST, session.max_unacked - len(session.in_flight))
+            catchup.claiming = True
+            until = "now" if catchup.until is None else catchup.until
+            d = self._claim_call(catchup.queue, want, until)
+            d.addCallbacks(
+                self._caught,
+                self._catchup_failed,
+                callbackArgs=(session, catchup, want),
+                errbackArgs=(session, catchup),
+            )
+            return
+
+    def _caught(self, answer, session, catchup, want):
+        catchup.claiming = False
+        queue = catchup.queue
+        entries, catchup.until = self._entries_of(answer, queue)
+        if len(entries) < want:
+            catchup.exhausted = True
+        gone = self._sessions.get(session.connection) is not session
+        for entry in entries:
+            if gone or session.paused or session.full:
+                self._give(entry)
+            else:
+                self._send(session, entry, None)
+                catchup.count += 1
+        if not gone:
+            self._continue_catchups(session)
+
+    def _forget(self, queue):
+        """
+        Drop this broker's record of a queue it no longer has any use for
+        (a C{getAll} of a queue nobody here consumes): Redis keeps it.
+        """
+        if (
+            not queue.subscribed
+            and not queue.consumers
+            and not queue.in_memory
+            and queue not in self._claiming
+            and not any(
+                c.queue is queue
+                for session in self._sessions.values()
+                for c in session.catchups
+            )
+            and self._queues.get(queue.key) is queue
+        ):
+            del self._queues[queue.key]
+            mine = self._by_client[queue.client_id]
+            del mine[queue]
+            if not mine:
+                del self._by_client[queue.client_id]
+            del self._by_qid[queue.qid]
+            self._drained.discard(queue)
+
+    def _catchup_failed(self, failure, session, catchup):
+        catchup.claiming = False
+        self._unclaim(catchup.queue)
+        if self._sessions.get(session.connection) is session:
+            session.catchups.remove(catchup)
+            self.log.failure("getAll failed", failure)
+            catchup.done(catchup.count)
+            self._continue_catchups(session)
+
+    # What observers see
+
+    def queue(self, client_id, event):
+        """
+        The queue (clientId, event) as this broker knows it; one it does
+        not serve is named for the occasion (Redis may hold it).
+        """
+        return self._queues.get((client_id, event)) or Queue(
+            client_id, event, qid(client_id, event)
+        )
+
+    def peek(self, client_id, event, after=0, limit=100):
+        """
+        As L{Broker.peek}, read from Redis: a L{Deferred}.
+        """
+        d = self.store.call("peek", qid(client_id, event), after, limit)
+
+        def shown(answer):
+            rows = []
+            for i in range(1, len(answer), 4):
+                message, deliveries, _ = read_row(
+                    int(answer[i]), answer[i + 1], answer[i + 2]
+                )
+                rows.append(
+                    {
+                        "seq": message.seq,
+                        "messageId": message.id,
+                        "time": message.time,
+                        "payload": message.payload.decode("utf-8"),
+                        "deliveries": deliveries,
+                        "inFlight": bool(answer[i + 3]),
+                    }
+                )
+            return rows, int(answer[0]) - len(rows)
+
+        return d.addCallback(shown)
+
+    def purge(self, client_id, event):
+        """
+        As L{Broker.purge}, in Redis: a L{Deferred}.
+        """
+        self._check_writable()
+        queue = self._queues.get((client_id, event))
+        if queue is not None:
+            # Claimed here and not sent yet: not in flight either.
+            while (entry := queue.pop_ready()) is not None:
+                self._give(entry)
+        return self.store.call("purge", qid(client_id, event), retry=True).addCallback(
+            int
+        )
+
+    # Acknowledging, giving back, requeueing
+
+    def received(self, client_id, event, message_id):
+        self._check_writable()
+        dead = event.endswith(DEAD_SUFFIX)
+        for name in [event] if dead else [event, event + DEAD_SUFFIX]:
+            queue = self._queues.get((client_id, name))
+            entry = queue.remove(message_id) if queue is not None else None
+            if entry is not None:
+                if entry.owner is not None:
+                    self._take_back(entry)
+                self._pump(queue)
+                break
+        d = self.store.call(
+            "ack",
+            qid(client_id, event),
+            "" if dead else dead_qid(client_id, event),
+            message_id,
+            self.store.broker_id,
+            retry=True,
+        )
+
+        def acknowledged(answer):
+            count = int(answer[0])
+            if count:
+                self.monitor.totals.acknowledged += 1
+            return {
+                "clientId": client_id,
+                "event": event,
+                "messageId": message_id,
+                "deleted": count > 0,
+            }
+
+        return d.addCallback(acknowledged)
+
+    def _return(self, entry, delay=0):
+        if delay > 0:
+            entry.delayed = True
+            self._delays.add(self.clock.seconds() + delay, entry)
+        else:
+            self._give(entry)
+
+    def _dead_letter(self, entry, reason):
+        # Redis moves it, seeing why itself.
+        self._give(entry)
+
+    def _delay_over(self, entry):
+        if entry.delayed and not entry.removed:
+            entry.delayed = False
+            self._give(entry)
+
+    def _give(self, entry):
+        """
+        Give a message this broker claimed back to Redis, ready for any
+        broker (or to the dead letters, if Redis finds it is due there).
+        """
+        queue = entry.queue
+        if queue.get(entry.message.id) is entry:
+            queue.remove(entry.message.id)
+        self.store.call(
+            "give",
+            self.store.broker_id,
+            self.clock.seconds(),
+            self.max_deliveries,
+            queue.qid,
+            entry.message.seq,
+            retry=True,
+        ).addErrback(self._failed, "giving a message back")
+
+    def requeue(self, client_id, event, message_id=None):
+        self._check_writable()
+        d = self.store.call(
+            "requeue", client_id, event, message_id or "", self.max_queue, retry=True
+        )
+        return d.addCallback(
+            lambda answer: {
+                "clientId": client_id,
+                "event": event,
+                "requeued": int(answer[0]),
+            }
+        )

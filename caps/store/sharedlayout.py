@@ -1,0 +1,724 @@
+"""
+How brokers sharing one Redis lay their state out in it (C{--shared}), and
+the Lua scripts that change it.  Redis decides, atomically, everything two
+brokers could disagree on: whether a publish is a duplicate or overflows a
+queue, its sequence number, which broker holds a message in flight, and
+when a message dies.  Each broker keeps in memory only the messages it has
+claimed for its own connections.
+
+A queue's id is derived from (clientId, event) (L{qid}, and C{qid_of} in
+the scripts), so every broker names a queue the same way without asking
+Redis.  Every key of one queue carries the hash tag C{{q<qid>}}.
+
+    caps:layout                    "shared-1"
+    caps:s:queues                  hash: qid -> [clientId, event, subscribed, filter, maxLength]
+    caps:s:subs                    counter: bumped by every subscription change
+    caps:s:seq                     counter: the last message sequence number
+    caps:s:dedupe                  sorted set: client-given messageId, scored by when it may be forgotten
+    caps:s:live                    hash: messageId -> how many queues hold it
+    caps:s:expiring                set: qids that may hold messages with a TTL
+    caps:s:brokers                 hash: broker id -> its description
+    caps:s:alive:<broker>          string, expiring: the broker's heartbeat
+    caps:s:claims:<broker>         set: qids in which the broker holds messages
+    caps:s:{q<qid>}:rows           hash: seq -> the message (L{caps.store.redislayout.row})
+    caps:s:{q<qid>}:ready          sorted set: seqs waiting for a consumer, in order
+    caps:s:{q<qid>}:owned          hash: seq -> broker holding it in flight
+    caps:s:{q<qid>}:deliveries     hash: seq -> times sent, once sent
+    caps:s:{q<qid>}:ids            hash: messageId -> the seqs of its copies
+
+Brokers hear of changes on one pub/sub channel, C{caps:s:events}:
+C{ready <qid>...} (messages became ready), C{subs} (a subscription
+changed), C{gone <broker> <qid> <messageId>} (a message that broker holds
+was acknowledged through another).
+"""
+
+import hashlib
+
+from caps.frames import DEAD_SUFFIX
+
+LAYOUT = "shared-1"
+PREFIX = "caps:s:"
+QUEUES_KEY = PREFIX + "queues"
+SUBS_KEY = PREFIX + "subs"
+SEQ_KEY = PREFIX + "seq"
+BROKERS_KEY = PREFIX + "brokers"
+CHANNEL = PREFIX + "events"
+# Milliseconds a broker's heartbeat lasts unless renewed (every second):
+# the others give its messages back once it has lapsed.
+ALIVE_MS = 5000
+
+
+def qid(client_id, event):
+    """
+    The id of the queue (clientId, event), the same on every broker.
+    """
+    name = f"{client_id}\0{event}".encode("utf-8", "surrogatepass")
+    return hashlib.sha1(name).hexdigest()[:16]
+
+
+def dead_qid(client_id, event):
+    return qid(client_id, event + DEAD_SUFFIX)
+
+
+# Functions every script starts with.
+_PRELUDE = r"""
+local P = 'caps:s:'
+local NOTIFY = {}
+
+local function qkeys(qid)
+  local t = P .. '{q' .. qid .. '}:'
+  return t .. 'ready', t .. 'rows', t .. 'owned', t .. 'deliveries', t .. 'ids'
+end
+
+local function qid_of(client, event)
+  return string.sub(redis.sha1hex(client .. '\0' .. event), 1, 16)
+end
+
+local function is_dead(event)
+  return string.sub(event, -5) == '.dead'
+end
+
+-- The queue's clientId, event and maxLength (false if none), creating its
+-- record (not subscribed) if it has none.
+local function ensure(client, event)
+  local qid = qid_of(client, event)
+  local meta = redis.call('HGET', P .. 'queues', qid)
+  if not meta then
+    redis.call('HSET', P .. 'queues', qid,
+      '[' .. cjson.encode(client) .. ',' .. cjson.encode(event) .. ',false,null,null]')
+    return qid, false
+  end
+  local m = cjson.decode(meta)
+  if m[5] == cjson.null then
+    return qid, false
+  end
+  return qid, m[5]
+end
+
+local function meta_of(qid)
+  local meta = redis.call('HGET', P .. 'queues', qid)
+  if not meta then
+    return nil
+  end
+  return cjson.decode(meta)
+end
+
+local function add_id(ids, id, seq)
+  local held = redis.call('HGET', ids, id)
+  if not held then
+    redis.call('HSET', ids, id, seq)
+  else
+    redis.call('HSET', ids, id, held .. ' ' .. seq)
+  end
+end
+
+local function forget(ids, id, seq)
+  local held = redis.call('HGET', ids, id)
+  if held == seq then
+    redis.call('HDEL', ids, id)
+  elseif held then
+    local rest = {}
+    for other in string.gmatch(held, '%S+') do
+      if other ~= seq then
+        rest[#rest + 1] = other
+      end
+    end
+    if #rest == 0 then
+      redis.call('HDEL', ids, id)
+    else
+      redis.call('HSET', ids, id, table.concat(rest, ' '))
+    end
+  end
+end
+
+local function unlive(id, n)
+  if redis.call('HINCRBY', P .. 'live', id, -n) <= 0 then
+    redis.call('HDEL', P .. 'live', id)
+  end
+end
+
+local function header(row)
+  local nl = string.find(row, '\n', 1, true)
+  return string.sub(row, 1, nl - 1), string.sub(row, nl)
+end
+
+local function message_id(row)
+  return cjson.decode((header(row)))[1]
+end
+
+-- When the message expires, or nil.
+local function expiry(row)
+  local head = header(row)
+  if string.sub(head, -16) == ',null,null,null]' then
+    return nil
+  end
+  local e = cjson.decode(head)[4]
+  if e == cjson.null then
+    return nil
+  end
+  return e
+end
+
+-- Take a message out of a queue's keys; returns its row.
+local function take(qid, seq)
+  local ready, rows, owned, deliveries, ids = qkeys(qid)
+  local row = redis.call('HGET', rows, seq)
+  if not row then
+    return nil
+  end
+  redis.call('HDEL', rows, seq)
+  redis.call('ZREM', ready, seq)
+  redis.call('HDEL', owned, seq)
+  redis.call('HDEL', deliveries, seq)
+  forget(ids, message_id(row), seq)
+  return row
+end
+
+-- Put a message in a queue, ready, at its place.
+local function put(qid, seq, row, sent)
+  local ready, rows, owned, deliveries, ids = qkeys(qid)
+  redis.call('HSET', rows, seq, row)
+  redis.call('ZADD', ready, seq, seq)
+  if sent > 0 then
+    redis.call('HSET', deliveries, seq, sent)
+  end
+  add_id(ids, message_id(row), seq)
+  if expiry(row) then
+    redis.call('SADD', P .. 'expiring', qid)
+  end
+  NOTIFY[qid] = true
+end
+
+-- Move a message of the queue (client, event) to its dead letters, saying
+-- why and when.
+local function to_dead(qid, client, event, seq, reason, now)
+  local sent = tonumber(redis.call('HGET', select(4, qkeys(qid)), seq) or '0')
+  local row = take(qid, seq)
+  if not row then
+    return
+  end
+  local head, rest = header(row)
+  head = string.match(head, '^(.*),[^,]*,[^,]*%]$') .. ',' .. cjson.encode(reason) .. ',' .. now .. ']'
+  local dead = ensure(client, event .. '.dead')
+  put(dead, seq, head .. rest, sent)
+end
+
+-- Append the queues that got ready messages to OUT, and announce them.
+local function notified(out)
+  local qids = {}
+  for qid in pairs(NOTIFY) do
+    qids[#qids + 1] = qid
+    out[#out + 1] = qid
+  end
+  if #qids > 0 then
+    redis.call('PUBLISH', P .. 'events', 'ready ' .. table.concat(qids, ' '))
+  end
+  return out
+end
+"""
+
+# ARGV: the subscriptions version the broker routed with, now, the
+# messageId (JSON) or '', when a client-given id may be forgotten, the
+# event, the rest of the row's header after the messageId, the payload,
+# the broker's messageId prefix, the broker's queue limit, how many
+# clientIds it is addressed to, those clientIds, then the qids of the
+# subscribed queues it matched.  Returns {'stale'}, {'duplicate', id}, {'full', clientId, event,
+# count, limit} or {'ok', id, seq, queues, qid...}.
+PUBLISH = (
+    _PRELUDE
+    + r"""
+if (redis.call('GET', P .. 'subs') or '0') ~= ARGV[1] then
+  return {'stale'}
+end
+local now = tonumber(ARGV[2])
+local id = ARGV[3]
+if id ~= '' then
+  redis.call('ZREMRANGEBYSCORE', P .. 'dedupe', '-inf', now)
+  local plain = cjson.decode(id)
+  if redis.call('ZSCORE', P .. 'dedupe', plain)
+      or redis.call('HEXISTS', P .. 'live', plain) == 1 then
+    return {'duplicate', plain}
+  end
+end
+local event = ARGV[5]
+local maxq = tonumber(ARGV[9])
+local n = tonumber(ARGV[10])
+local targets, seen = {}, {}
+local function check(qid, client, ev, length)
+  if seen[qid] then
+    return nil
+  end
+  seen[qid] = true
+  local limit = maxq
+  if length and length < limit then
+    limit = length
+  end
+  local count = redis.call('HLEN', P .. '{q' .. qid .. '}:rows')
+  if count >= limit then
+    return {'full', client, ev, count, limit}
+  end
+  targets[#targets + 1] = qid
+  return nil
+end
+for i = 11, 10 + n do
+  local qid = qid_of(ARGV[i], event)
+  local m = meta_of(qid)
+  local length = false
+  if m and m[5] ~= cjson.null then
+    length = m[5]
+  end
+  local full = check(qid, ARGV[i], event, length)
+  if full then
+    return full
+  end
+end
+for i = 11 + n, #ARGV do
+  local m = meta_of(ARGV[i])
+  if m then
+    local length = false
+    if m[5] ~= cjson.null then
+      length = m[5]
+    end
+    local full = check(ARGV[i], m[1], m[2], length)
+    if full then
+      return full
+    end
+  end
+end
+for i = 11, 10 + n do
+  ensure(ARGV[i], event)
+end
+local seq = redis.call('INCR', P .. 'seq')
+local plain
+if id == '' then
+  plain = ARGV[8] .. seq
+  id = '"' .. plain .. '"'
+else
+  plain = cjson.decode(id)
+  redis.call('ZADD', P .. 'dedupe', ARGV[4], plain)
+end
+local row = '[' .. id .. ARGV[6] .. '\n' .. ARGV[7]
+local expiring = string.sub(ARGV[6], -16) ~= ',null,null,null]'
+for _, qid in ipairs(targets) do
+  local ready, rows, owned, deliveries, ids = qkeys(qid)
+  redis.call('HSET', rows, seq, row)
+  redis.call('ZADD', ready, seq, seq)
+  add_id(ids, plain, seq)
+  if expiring then
+    redis.call('SADD', P .. 'expiring', qid)
+  end
+end
+if #targets > 0 then
+  redis.call('HINCRBY', P .. 'live', plain, #targets)
+end
+local out = {'ok', plain, seq, #targets}
+for _, qid in ipairs(targets) do
+  out[#out + 1] = qid
+end
+return out
+"""
+)
+
+# ARGV: qid, broker, how many, now, max deliveries, the last seq to claim
+# ('' for any, 'now' for the last one published so far), is the queue
+# dead letters ('1'/'0').  Claims the oldest ready messages for the
+# broker; those delivered too often or expired go to the dead letters on
+# the way.  Returns {until, count, (seq, row, deliveries)..., qid...}: the
+# qids are queues that got ready messages (dead letters).
+CLAIM = (
+    _PRELUDE
+    + r"""
+local qid, broker, want = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local now, most = tonumber(ARGV[4]), tonumber(ARGV[5])
+local upto = ARGV[6]
+if upto == 'now' then
+  upto = redis.call('GET', P .. 'seq') or '0'
+end
+local stop = upto
+if stop == '' then
+  stop = '+inf'
+end
+local dead = ARGV[7] == '1'
+local ready, rows, owned, deliveries = qkeys(qid)
+local out = {upto, 0}
+local got = 0
+local m = nil
+while got < want do
+  local seqs = redis.call('ZRANGE', ready, '-inf', stop, 'BYSCORE', 'LIMIT', 0, want - got)
+  if #seqs == 0 then
+    break
+  end
+  for _, seq in ipairs(seqs) do
+    redis.call('ZREM', ready, seq)
+    local row = redis.call('HGET', rows, seq)
+    if row then
+      local sent = tonumber(redis.call('HGET', deliveries, seq) or '0')
+      local reason = nil
+      if not dead then
+        local e = expiry(row)
+        if sent >= most then
+          reason = 'max-deliveries'
+        elseif e and e <= now then
+          reason = 'expired'
+        end
+      end
+      if reason then
+        m = m or meta_of(qid)
+        to_dead(qid, m[1], m[2], seq, reason, now)
+      else
+        redis.call('HSET', owned, seq, broker)
+        redis.call('HSET', deliveries, seq, sent + 1)
+        out[#out + 1] = seq
+        out[#out + 1] = row
+        out[#out + 1] = sent + 1
+        got = got + 1
+      end
+    end
+  end
+end
+if got > 0 then
+  redis.call('SADD', P .. 'claims:' .. broker, qid)
+end
+out[2] = got
+return notified(out)
+"""
+)
+
+# ARGV: broker, now, max deliveries, then (qid, seq) pairs the broker gives
+# back: each goes back to its place, ready, unless it was delivered too
+# often or has expired (then to the dead letters).  Returns the qids that
+# got ready messages.
+GIVE = (
+    _PRELUDE
+    + r"""
+local broker, now, most = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local metas = {}
+for i = 4, #ARGV, 2 do
+  local qid, seq = ARGV[i], ARGV[i + 1]
+  local ready, rows, owned, deliveries = qkeys(qid)
+  if redis.call('HGET', owned, seq) == broker then
+    redis.call('HDEL', owned, seq)
+    local m = metas[qid] or meta_of(qid)
+    metas[qid] = m
+    local reason = nil
+    if m and not is_dead(m[2]) then
+      local row = redis.call('HGET', rows, seq)
+      local e = row and expiry(row)
+      if tonumber(redis.call('HGET', deliveries, seq) or '0') >= most then
+        reason = 'max-deliveries'
+      elseif e and e <= now then
+        reason = 'expired'
+      end
+    end
+    if reason then
+      to_dead(qid, m[1], m[2], seq, reason, now)
+    else
+      redis.call('ZADD', ready, seq, seq)
+      NOTIFY[qid] = true
+    end
+  end
+end
+return notified({})
+"""
+)
+
+# ARGV: qid, the qid of its dead letters ('' for none), messageId, broker.
+# Deletes every copy of the message from the queue or, if it has none
+# there, from the dead letters, and tells each other broker that held a
+# copy in flight (C{gone}).  Returns {count}.
+ACK = (
+    _PRELUDE
+    + r"""
+local function remove(qid, id)
+  local ready, rows, owned, deliveries, ids = qkeys(qid)
+  local held = redis.call('HGET', ids, id)
+  local out = {0}
+  if not held then
+    return out
+  end
+  for seq in string.gmatch(held, '%S+') do
+    local owner = redis.call('HGET', owned, seq)
+    if owner and owner ~= ARGV[4] then
+      redis.call('PUBLISH', P .. 'events', 'gone ' .. owner .. ' ' .. qid .. ' ' .. id)
+    end
+    if take(qid, seq) then
+      out[1] = out[1] + 1
+      unlive(id, 1)
+    end
+  end
+  return out
+end
+local out = remove(ARGV[1], ARGV[3])
+if out[1] == 0 and ARGV[2] ~= '' then
+  out = remove(ARGV[2], ARGV[3])
+end
+return out
+"""
+)
+
+# ARGV: qid, clientId, event, subscribed ('1'/'0'), filter JSON or 'null',
+# maxLength or 'null'.  Saves the queue's subscription; bumps the
+# subscriptions version if it changed.  Returns {version, messages}.
+SAVE = (
+    _PRELUDE
+    + r"""
+local meta = '[' .. cjson.encode(ARGV[2]) .. ',' .. cjson.encode(ARGV[3]) .. ','
+  .. (ARGV[4] == '1' and 'true' or 'false') .. ',' .. ARGV[5] .. ',' .. ARGV[6] .. ']'
+local version = redis.call('GET', P .. 'subs') or '0'
+if redis.call('HGET', P .. 'queues', ARGV[1]) ~= meta then
+  redis.call('HSET', P .. 'queues', ARGV[1], meta)
+  version = redis.call('INCR', P .. 'subs')
+  redis.call('PUBLISH', P .. 'events', 'subs')
+end
+return {tonumber(version), redis.call('HLEN', P .. '{q' .. ARGV[1] .. '}:rows')}
+"""
+)
+
+# ARGV: qid.  Deletes the queue, its subscription and its messages.
+# Returns the new subscriptions version.
+DELETE = (
+    _PRELUDE
+    + r"""
+local qid = ARGV[1]
+local ready, rows, owned, deliveries, ids = qkeys(qid)
+local held = redis.call('HGETALL', ids)
+for i = 1, #held, 2 do
+  local n = 0
+  for _ in string.gmatch(held[i + 1], '%S+') do
+    n = n + 1
+  end
+  unlive(held[i], n)
+end
+redis.call('DEL', ready, rows, owned, deliveries, ids)
+redis.call('HDEL', P .. 'queues', qid)
+redis.call('SREM', P .. 'expiring', qid)
+local version = redis.call('INCR', P .. 'subs')
+redis.call('PUBLISH', P .. 'events', 'subs')
+return version
+"""
+)
+
+# ARGV: clientId, event, messageId or '', the broker's queue limit.  Moves
+# dead letters of (clientId, event) that are not in flight back to that
+# queue at their places, delivery counts reset: the one, or all, as many
+# as the queue's limit allows.  Returns {moved, qid...}.
+REQUEUE = (
+    _PRELUDE
+    + r"""
+local client, event, id = ARGV[1], ARGV[2], ARGV[3]
+local dead = qid_of(client, event .. '.dead')
+local dready, drows, downed, ddeliveries, dids = qkeys(dead)
+local seqs
+if id == '' then
+  seqs = redis.call('ZRANGE', dready, 0, -1)
+else
+  seqs = {}
+  local held = redis.call('HGET', dids, id)
+  if held then
+    for seq in string.gmatch(held, '%S+') do
+      if redis.call('ZSCORE', dready, seq) then
+        seqs[#seqs + 1] = seq
+      end
+    end
+  end
+end
+if #seqs == 0 then
+  return {0}
+end
+local qid, length = ensure(client, event)
+local limit = tonumber(ARGV[4])
+if length and length < limit then
+  limit = length
+end
+local room = limit - redis.call('HLEN', P .. '{q' .. qid .. '}:rows')
+local moved = 0
+for _, seq in ipairs(seqs) do
+  if moved >= room then
+    break
+  end
+  local row = take(dead, seq)
+  if row then
+    local head, rest = header(row)
+    head = string.match(head, '^(.*),[^,]*,[^,]*%]$') .. ',null,null]'
+    put(qid, seq, head .. rest, 0)
+    moved = moved + 1
+  end
+end
+return notified({moved})
+"""
+)
+
+# ARGV: broker, its description, now, max deliveries, how many expired
+# messages to move at most, milliseconds its heartbeat lasts.  The broker's heartbeat: it renews its own,
+# gives back the messages of every broker whose heartbeat has lapsed, and
+# moves expired messages at the head of queues to their dead letters.
+# Returns {reaped brokers, messages given back, expired, qid...}.
+BEAT = (
+    _PRELUDE
+    + r"""
+local me, now, most, budget = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+redis.call('SET', P .. 'alive:' .. me, '1', 'PX', ARGV[6])
+redis.call('HSET', P .. 'brokers', me, ARGV[2])
+local brokers = redis.call('HKEYS', P .. 'brokers')
+local reaped, returned, expired = 0, 0, 0
+for _, broker in ipairs(brokers) do
+  if redis.call('EXISTS', P .. 'alive:' .. broker) == 0 then
+    reaped = reaped + 1
+    for _, qid in ipairs(redis.call('SMEMBERS', P .. 'claims:' .. broker)) do
+      local ready, rows, owned = qkeys(qid)
+      local held = redis.call('HGETALL', owned)
+      for i = 1, #held, 2 do
+        if held[i + 1] == broker then
+          redis.call('HDEL', owned, held[i])
+          redis.call('ZADD', ready, held[i], held[i])
+          NOTIFY[qid] = true
+          returned = returned + 1
+        end
+      end
+    end
+    redis.call('DEL', P .. 'claims:' .. broker)
+    redis.call('HDEL', P .. 'brokers', broker)
+  end
+end
+for _, qid in ipairs(redis.call('SMEMBERS', P .. 'expiring')) do
+  local m = meta_of(qid)
+  local ready, rows = qkeys(qid)
+  if not m or redis.call('HLEN', rows) == 0 then
+    redis.call('SREM', P .. 'expiring', qid)
+  elseif not is_dead(m[2]) then
+    while expired < budget do
+      local head = redis.call('ZRANGE', ready, 0, 0)[1]
+      if not head then
+        break
+      end
+      local e = expiry(redis.call('HGET', rows, head) or '[]\n')
+      if not e or e > now then
+        break
+      end
+      to_dead(qid, m[1], m[2], head, 'expired', now)
+      expired = expired + 1
+    end
+  end
+end
+return notified({reaped, returned, expired})
+"""
+)
+
+# ARGV: broker, qid, then the seqs of that queue the broker holds.  Gives
+# back every other message of the queue Redis says the broker holds (a
+# claim whose answer was lost).  Returns the qids that got ready messages.
+UNCLAIM = (
+    _PRELUDE
+    + r"""
+local broker, qid = ARGV[1], ARGV[2]
+local keep = {}
+for i = 3, #ARGV do
+  keep[ARGV[i]] = true
+end
+local ready, rows, owned = qkeys(qid)
+local held = redis.call('HGETALL', owned)
+for i = 1, #held, 2 do
+  if held[i + 1] == broker and not keep[held[i]] then
+    redis.call('HDEL', owned, held[i])
+    redis.call('ZADD', ready, held[i], held[i])
+    NOTIFY[qid] = true
+  end
+end
+return notified({})
+"""
+)
+
+# No ARGV.  Returns {version, qid, meta, qid, meta...}, read together.
+SUBSCRIPTIONS = r"""
+local out = {tonumber(redis.call('GET', 'caps:s:subs') or '0')}
+local all = redis.call('HGETALL', 'caps:s:queues')
+for i = 1, #all do
+  out[#out + 1] = all[i]
+end
+return out
+"""
+
+# ARGV: broker.  Gives back everything the broker holds and drops its
+# heartbeat (it is closing).
+LEAVE = (
+    _PRELUDE
+    + r"""
+local broker = ARGV[1]
+for _, qid in ipairs(redis.call('SMEMBERS', P .. 'claims:' .. broker)) do
+  local ready, rows, owned = qkeys(qid)
+  local held = redis.call('HGETALL', owned)
+  for i = 1, #held, 2 do
+    if held[i + 1] == broker then
+      redis.call('HDEL', owned, held[i])
+      redis.call('ZADD', ready, held[i], held[i])
+      NOTIFY[qid] = true
+    end
+  end
+end
+redis.call('DEL', P .. 'claims:' .. broker, P .. 'alive:' .. broker)
+redis.call('HDEL', P .. 'brokers', broker)
+return notified({})
+"""
+)
+
+# ARGV: qid, after, limit.  The queue's messages after sequence number
+# C{after}, oldest first, at most C{limit}, left in place: {count after,
+# (seq, row, deliveries, owner or '')...}.
+PEEK = (
+    _PRELUDE
+    + r"""
+local ready, rows, owned, deliveries = qkeys(ARGV[1])
+local after, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
+local seqs = {}
+for _, seq in ipairs(redis.call('HKEYS', rows)) do
+  if tonumber(seq) > after then
+    seqs[#seqs + 1] = tonumber(seq)
+  end
+end
+table.sort(seqs)
+local out = {#seqs}
+for i = 1, math.min(limit, #seqs) do
+  local seq = tostring(seqs[i])
+  out[#out + 1] = seq
+  out[#out + 1] = redis.call('HGET', rows, seq)
+  out[#out + 1] = redis.call('HGET', deliveries, seq) or '0'
+  out[#out + 1] = redis.call('HGET', owned, seq) or ''
+end
+return out
+"""
+)
+
+# ARGV: qid.  Deletes every message of the queue that is not in flight.
+# Returns how many.
+PURGE = (
+    _PRELUDE
+    + r"""
+local qid = ARGV[1]
+local ready = qkeys(qid)
+local purged = 0
+for _, seq in ipairs(redis.call('ZRANGE', ready, 0, -1)) do
+  local row = take(qid, seq)
+  if row then
+    unlive(message_id(row), 1)
+    purged = purged + 1
+  end
+end
+return purged
+"""
+)
+
+SCRIPTS = {
+    "peek": PEEK,
+    "purge": PURGE,
+    "publish": PUBLISH,
+    "claim": CLAIM,
+    "give": GIVE,
+    "ack": ACK,
+    "save": SAVE,
+    "delete": DELETE,
+    "requeue": REQUEUE,
+    "beat": BEAT,
+    "unclaim": UNCLAIM,
+    "subscriptions": SUBSCRIPTIONS,
+    "leave": LEAVE,
+}

@@ -1,0 +1,447 @@
+"""
+Several brokers sharing one Redis (C{--shared}), in one process: each
+broker's round trips run at once on the test's thread, its time is a
+L{Clock}, and what the brokers announce on the channel is handed to every
+broker by L{Cluster.settle}, so each test decides when news travels.
+"""
+
+from unittest import skipIf
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from caps.publishing import QueueFull
+from caps.sharedbroker import SharedBroker
+from caps.store import StoreError
+from caps.store.redis import RedisStore
+from caps.store.shared import SharedStore
+from caps.store.sharedlayout import CHANNEL
+
+from . import redisserver
+from .helpers import RecordingConnection
+from .test_store import synchronous
+
+# Rounds of (flush every broker's calls, hand out the news) before giving up.
+SETTLE_ROUNDS = 200
+
+
+class Cluster:
+    """
+    C{n} shared brokers on the test's Redis, one clock.
+    """
+
+    def __init__(self, test, n, **options):
+        self.test = test
+        self.clock = test.clock
+        self.url = test.server.url
+        self.events = test.redis.pubsub(ignore_subscribe_messages=True)
+        self.events.subscribe(CHANNEL)
+        test.addCleanup(self.events.close)
+        self.options = options
+        self.brokers = [self.start() for _ in range(n)]
+
+    def start(self):
+        store = SharedStore.open(self.url, self.clock, runner=synchronous, listen=False)
+        broker = SharedBroker(
+            clock=self.clock, store=store, log_events=False, **self.options
+        )
+        self.test.addCleanup(self.close, broker)
+        return broker
+
+    def close(self, broker):
+        broker.stop()
+        if not broker.store._closed:
+            broker.store.close()
+            self.settle()
+
+    def settle(self):
+        """
+        Run every broker's pending round trips and hand out the news they
+        announce, until there is none.
+        """
+        for _ in range(SETTLE_ROUNDS):
+            self.clock.advance(0)
+            heard = False
+            while (message := self.events.get_message(timeout=0.01)) is not None:
+                if message["type"] != "message":
+                    continue
+                heard = True
+                kind, *words = message["data"].decode("utf-8").split(" ")
+                for broker in self.brokers:
+                    if not broker.store._closed:
+                        broker.heard(kind, words)
+            if not heard and not any(b.store.backlog for b in self.brokers):
+                return
+        raise AssertionError("the brokers did not settle")
+
+    def result(self, d):
+        """
+        The result of C{d}, once the brokers have settled.
+        """
+        self.settle()
+        return self.test.successResultOf(d)
+
+    def failure(self, d, *kinds):
+        self.settle()
+        return self.test.failureResultOf(d, *kinds)
+
+
+@skipIf(not redisserver.AVAILABLE, redisserver.skip_reason)
+class SharedBrokerTests(redisserver.OnSharedServer, SynchronousTestCase):
+    def setUp(self):
+        super().setUp()
+        self.cluster = Cluster(self, 3)
+        self.a, self.b, self.c = self.cluster.brokers
+
+    def consumer(self, broker, client_id="driver", event="pickup", **options):
+        connection = RecordingConnection(client_id)
+        broker.connect(connection)
+        self.cluster.result(broker.subscribe(connection, client_id, event, **options))
+        return connection
+
+    def publish(self, broker, n=1, event="pickup", **options):
+        return [
+            self.cluster.result(
+                broker.publish(event, {"n": i}, b'{"n":%d}' % i, **options)
+            )
+            for i in range(n)
+        ]
+
+    def test_published_on_one_delivered_on_another(self):
+        """A message published through broker A reaches a consumer on broker B."""
+        driver = self.consumer(self.b)
+        [answer] = self.publish(self.a)
+        self.cluster.settle()
+        self.assertEqual(driver.ids(), [answer["messageId"]])
+        self.assertEqual(answer["queues"], 1)
+
+    def test_subscription_seen_by_the_next_publish_anywhere(self):
+        """
+        A publish that starts after a subscribe's answer, on any broker,
+        routes to it, even before that broker heard of the subscription.
+        """
+        driver = RecordingConnection()
+        self.b.connect(driver)
+        d = self.b.subscribe(driver, "driver", "pickup")
+        # Only B's round trip runs: A hears nothing before it publishes.
+        self.clock.advance(0)
+        self.successResultOf(d)
+        answer = self.cluster.result(self.a.publish("pickup", {}, b"{}"))
+        self.assertEqual(answer["queues"], 1)
+        self.cluster.settle()
+        self.assertEqual(driver.ids(), [answer["messageId"]])
+
+    def test_competing_consumers_share_each_message_once(self):
+        """
+        Consumers of one queue on three brokers share its messages: every
+        message goes to exactly one of them, and each gets some.
+        """
+        consumers = [
+            (broker, self.consumer(broker, prefetch=5))
+            for broker in self.cluster.brokers
+        ]
+        answers = self.publish(self.a, 300)
+        seen = []
+        for _ in range(100):
+            self.cluster.settle()
+            taken = [(b, c, c.take()) for b, c in consumers]
+            if not any(t for _, _, t in taken):
+                break
+            for broker, _, deliveries in taken:
+                for delivery in deliveries:
+                    seen.append(delivery["messageId"])
+                    broker.received("driver", "pickup", delivery["messageId"])
+        self.assertEqual(sorted(seen), sorted(a["messageId"] for a in answers))
+        self.assertEqual(len(seen), len(set(seen)))
+        self.assertEqual(self.redis.hlen(self.rows("driver", "pickup")), 0)
+
+    def rows(self, client_id, event):
+        from caps.store.sharedlayout import qid
+
+        return f"caps:s:{{q{qid(client_id, event)}}}:rows"
+
+    def test_competing_consumers_each_get_some(self):
+        """
+        With room for a few messages each, consumers on different brokers
+        all get a share of a busy queue.
+        """
+        consumers = [
+            self.consumer(broker, prefetch=5) for broker in self.cluster.brokers
+        ]
+        self.publish(self.a, 30)
+        self.cluster.settle()
+        self.assertEqual([len(c.deliveries) for c in consumers], [5, 5, 5])
+
+    def test_catch_up_through_another_broker(self):
+        """
+        Messages queued while the driver was away are caught up through a
+        different broker than the one it used before, oldest first.
+        """
+        driver = self.consumer(self.a)
+        self.a.unsubscribe(driver, "driver", "pickup")
+        self.a.disconnect(driver)
+        answers = self.publish(self.b, 5)
+        again = RecordingConnection()
+        self.c.connect(again)
+        done = self.cluster.result(self.c.get_all(again, "driver", "pickup"))
+        self.assertEqual(done["count"], 5)
+        self.assertEqual(again.ids(), [a["messageId"] for a in answers])
+
+    def test_catch_up_does_not_wait_for_later_messages(self):
+        """
+        A getAll covers what the queue held when it asked, not what is
+        published while it is being sent.
+        """
+        self.publish(self.a, 3, to=["vendor"])
+        vendor = RecordingConnection()
+        self.b.connect(vendor)
+        d = self.b.get_all(vendor, "vendor", "pickup")
+        self.clock.advance(0)
+        self.publish(self.c, 2, to=["vendor"])
+        self.assertEqual(self.cluster.result(d)["count"], 3)
+
+    def test_messages_in_flight_come_back_when_their_connection_goes(self):
+        """A consumer leaving one broker: its messages go to a consumer on another."""
+        first = self.consumer(self.a)
+        [answer] = self.publish(self.b)
+        self.cluster.settle()
+        self.assertEqual(first.ids(), [answer["messageId"]])
+        second = self.consumer(self.c)
+        self.a.disconnect(first)
+        self.cluster.settle()
+        [delivery] = second.deliveries
+        self.assertEqual(delivery["messageId"], answer["messageId"])
+        self.assertTrue(delivery["redelivered"])
+
+    def test_dedupe_across_brokers(self):
+        """A messageId published through one broker is a duplicate through another."""
+        self.consumer(self.a)
+        [first] = self.publish(self.a, message_id="order-7")
+        [second] = self.publish(self.b, message_id="order-7")
+        self.assertEqual(first, {"messageId": "order-7", "queues": 1})
+        self.assertEqual(
+            second, {"messageId": "order-7", "queues": 0, "duplicate": True}
+        )
+
+    def test_dedupe_window_ends(self):
+        """After the dedupe window, with the first copy gone, the id is free again."""
+        driver = self.consumer(self.a)
+        self.publish(self.a, message_id="order-7")
+        self.cluster.settle()
+        self.cluster.result(self.a.received("driver", "pickup", "order-7"))
+        self.clock.advance(self.a.dedupe_window + 1)
+        [again] = self.publish(self.b, message_id="order-7")
+        self.assertEqual(again, {"messageId": "order-7", "queues": 1})
+        self.cluster.settle()
+        self.assertEqual(driver.ids(), ["order-7", "order-7"])
+
+    def test_still_queued_is_a_duplicate_after_the_window(self):
+        """A messageId still queued stays a duplicate past the window."""
+        self.publish(self.a, to=["vendor"], message_id="order-7")
+        self.clock.advance(self.a.dedupe_window + 1)
+        [again] = self.publish(self.b, to=["vendor"], message_id="order-7")
+        self.assertTrue(again["duplicate"])
+
+    def test_queue_limit_across_brokers(self):
+        """
+        A queue's maxLength, set through one broker, refuses the publish
+        that would pass it through another; nothing of it is stored.
+        """
+        self.consumer(self.a, client_id="slow", max_length=3, prefetch=1)
+        self.publish(self.b, 3)
+        failure = self.cluster.failure(
+            self.c.publish("pickup", {}, b"{}", to=["vendor"]), QueueFull
+        )
+        self.assertIn(
+            "(slow, pickup) is full: 3 messages, the limit is 3", str(failure.value)
+        )
+        self.assertEqual(self.redis.hlen(self.rows("vendor", "pickup")), 0)
+        self.assertEqual(self.redis.hlen(self.rows("slow", "pickup")), 3)
+
+    def test_ack_through_another_broker_frees_the_holder(self):
+        """
+        A message acknowledged through another broker than the one that
+        sent it is deleted, and the sender's consumer gets room again.
+        """
+        driver = self.consumer(self.a, prefetch=1)
+        first, second = self.publish(self.b, 2)
+        self.cluster.settle()
+        self.assertEqual(driver.ids(), [first["messageId"]])
+        answer = self.cluster.result(
+            self.c.received("driver", "pickup", first["messageId"])
+        )
+        self.assertTrue(answer["deleted"])
+        self.cluster.settle()
+        self.assertEqual(driver.ids(), [first["messageId"], second["messageId"]])
+
+    def test_nack_redelivers_anywhere(self):
+        """A message given back on one broker goes out again, counted, from another."""
+        first = self.consumer(self.a)
+        [answer] = self.publish(self.a)
+        self.cluster.settle()
+        self.a.unsubscribe(first, "driver", "pickup")
+        second = self.consumer(self.b)
+        self.cluster.settle()
+        [delivery] = second.deliveries
+        self.assertEqual(delivery["deliveries"], 2)
+        self.assertEqual(delivery["messageId"], answer["messageId"])
+
+    def test_nack_with_delay(self):
+        """A nack with a delay keeps the message back until the delay is over."""
+        driver = self.consumer(self.a)
+        [answer] = self.publish(self.a)
+        self.cluster.settle()
+        driver.take()
+        nacked = self.a.nack(driver, "driver", "pickup", answer["messageId"], delay=5)
+        self.assertTrue(nacked["nacked"])
+        self.cluster.settle()
+        self.assertEqual(driver.take(), [])
+        self.clock.advance(5)
+        self.cluster.settle()
+        self.assertEqual([d["deliveries"] for d in driver.take()], [2])
+
+    def test_dead_letters_after_max_deliveries_and_requeue(self):
+        """
+        A message given back as often as the limit allows goes to the dead
+        letters in Redis, whichever broker gave it back; a requeue through
+        another broker brings it back, its count reset.
+        """
+        driver = self.consumer(self.a)
+        [answer] = self.publish(self.b)
+        message_id = answer["messageId"]
+        for _ in range(self.a.max_deliveries):
+            self.cluster.settle()
+            self.assertEqual(driver.ids(), [message_id])
+            driver.take()
+            self.a.nack(driver, "driver", "pickup", message_id)
+        self.cluster.settle()
+        self.assertEqual(driver.take(), [])
+        dead = RecordingConnection()
+        self.c.connect(dead)
+        self.cluster.result(self.c.get_all(dead, "driver", "pickup.dead"))
+        [letter] = dead.deliveries
+        self.assertEqual(letter["messageId"], message_id)
+        self.c.disconnect(dead)
+        self.cluster.settle()
+        moved = self.cluster.result(self.b.requeue("driver", "pickup"))
+        self.assertEqual(moved["requeued"], 1)
+        self.cluster.settle()
+        [back] = driver.take()
+        self.assertEqual((back["messageId"], back["deliveries"]), (message_id, 1))
+
+    def test_ack_timeout_gives_back_to_any_broker(self):
+        """
+        An unacknowledged message past its ack timeout goes back to Redis
+        and out again, to a consumer on either broker.
+        """
+        first = self.consumer(self.a, ack_timeout=10)
+        [answer] = self.publish(self.a)
+        self.cluster.settle()
+        other = self.consumer(self.b)
+        self.assertEqual(first.take()[0]["deliveries"], 1)
+        self.clock.advance(9)
+        self.cluster.settle()
+        self.assertEqual(first.deliveries + other.deliveries, [])
+        self.clock.advance(1)
+        self.cluster.settle()
+        [again] = first.deliveries + other.deliveries
+        self.assertEqual(
+            (again["messageId"], again["deliveries"]), (answer["messageId"], 2)
+        )
+
+    def test_expired_message_goes_to_the_dead_letters(self):
+        """A message past its TTL is moved to the dead letters by the heartbeat."""
+        self.publish(self.a, to=["vendor"], ttl=2)
+        self.clock.advance(3)
+        self.cluster.settle()
+        self.assertEqual(self.redis.hlen(self.rows("vendor", "pickup")), 0)
+        self.assertEqual(self.redis.hlen(self.rows("vendor", "pickup.dead")), 1)
+
+    def test_dead_broker_messages_return(self):
+        """
+        A broker that dies with messages in flight: once its heartbeat
+        lapses, a survivor gives them back and they are delivered again.
+        """
+        doomed = self.consumer(self.a, prefetch=10)
+        answers = self.publish(self.b, 4)
+        self.cluster.settle()
+        self.assertEqual(len(doomed.deliveries), 4)
+        survivor = self.consumer(self.c)
+        # Killed: no goodbye, its heartbeat lapses.
+        self.a.store._beating.stop()
+        self.cluster.brokers.remove(self.a)
+        self.redis.delete(f"caps:s:alive:{self.a.store.broker_id}")
+        self.clock.advance(1)
+        self.cluster.settle()
+        self.assertEqual(
+            sorted(survivor.ids()), sorted(a["messageId"] for a in answers)
+        )
+        self.a.store._closed = True
+
+    def test_closing_broker_gives_back(self):
+        """A broker that stops gives its messages back at once."""
+        leaving = self.consumer(self.a)
+        [answer] = self.publish(self.a)
+        self.cluster.settle()
+        self.assertEqual(leaving.ids(), [answer["messageId"]])
+        staying = self.consumer(self.b)
+        self.a.store.close()
+        self.cluster.settle()
+        self.assertEqual(staying.ids(), [answer["messageId"]])
+
+    def test_delete_through_another_broker(self):
+        """
+        Deleting a queue through one broker ends its consumers on every
+        broker, and what it held.
+        """
+        self.consumer(self.a)
+        self.publish(self.b, to=["driver"])
+        other = RecordingConnection()
+        self.c.connect(other)
+        self.cluster.result(self.c.unsubscribe(other, "driver", "pickup", delete=True))
+        self.cluster.settle()
+        self.assertEqual(self.a.queue("driver", "pickup").consumers, {})
+        self.assertEqual(self.a.client_rows()[0]["subscriptions"], [])
+        self.assertEqual(self.redis.hlen(self.rows("driver", "pickup")), 0)
+        [answer] = self.publish(self.b)
+        self.assertEqual(answer["queues"], 0)
+
+    def test_peek_and_purge_read_redis(self):
+        """
+        Peeking shows a queue's messages as Redis holds them, whichever
+        broker holds them in flight; purging deletes those not in flight.
+        """
+        driver = self.consumer(self.a, prefetch=1)
+        answers = self.publish(self.b, 3)
+        self.cluster.settle()
+        rows, more = self.cluster.result(self.c.peek("driver", "pickup", limit=2))
+        self.assertEqual(
+            [(r["messageId"], r["inFlight"], r["deliveries"]) for r in rows],
+            [(answers[0]["messageId"], True, 1), (answers[1]["messageId"], False, 0)],
+        )
+        self.assertEqual(more, 1)
+        self.assertEqual(rows[1]["payload"], '{"n":1}')
+        self.assertEqual(self.cluster.result(self.c.purge("driver", "pickup")), 2)
+        rows, more = self.cluster.result(self.c.peek("driver", "pickup"))
+        self.assertEqual([r["messageId"] for r in rows], [answers[0]["messageId"]])
+        self.assertEqual(driver.ids(), [answers[0]["messageId"]])
+
+
+@skipIf(not redisserver.AVAILABLE, redisserver.skip_reason)
+class SharedStoreTests(redisserver.OnSharedServer, SynchronousTestCase):
+    def test_single_broker_store_refused(self):
+        """A database one broker uses alone is not opened as a shared one."""
+        store = RedisStore.open(self.server.url, self.clock, runner=synchronous)
+        self.addCleanup(store.close)
+        with self.assertRaises(StoreError) as raised:
+            SharedStore.open(self.server.url, self.clock, runner=synchronous)
+        self.assertIn("without --shared", str(raised.exception))
+
+    def test_shared_store_refused_alone(self):
+        """A shared database is not opened by a broker without --shared."""
+        store = SharedStore.open(
+            self.server.url, self.clock, runner=synchronous, listen=False
+        )
+        self.addCleanup(store.close)
+        with self.assertRaises(StoreError) as raised:
+            RedisStore.open(self.server.url, self.clock, runner=synchronous)
+        self.assertIn("start this one with --shared", str(raised.exception))
