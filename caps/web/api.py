@@ -9,7 +9,9 @@ C{sees_all} and C{consume_refusal(clientId, event)}.
 
 import re
 
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from caps import codec
@@ -219,26 +221,46 @@ class Api(resource.Resource):
             result = handler(request, *args)
             if result is server.NOT_DONE_YET:
                 return result
+            if isinstance(result, defer.Deferred):
+                # A broker sharing its store answers from Redis, later.
+                result.addCallback(lambda value: answer(request, 200, value))
+                result.addErrback(self._failed, request)
+                result.addCallback(self._finish, request)
+                return server.NOT_DONE_YET
             return answer(request, 200, result)
-        except WebError as e:
-            return answer(request, e.status, {"error": e.code, "message": str(e)})
-        except ProtocolError as e:
-            # store-unavailable: try again later.
-            return answer(request, 503, {"error": e.code, "message": str(e)})
         except Exception:
-            self.log.failure(
-                "web API request {method} {uri} failed",
-                method=request.method,
-                uri=request.uri,
-            )
-            return answer(
-                request,
-                500,
-                {
-                    "error": "internal-error",
-                    "message": "the broker failed; see its log",
-                },
-            )
+            return self._failed(Failure(), request)
+
+    def _failed(self, failure, request):
+        """
+        The body of the answer to a request that failed, its status set.
+        """
+        if failure.check(WebError):
+            e = failure.value
+            return answer(request, e.status, {"error": e.code, "message": str(e)})
+        if failure.check(ProtocolError):
+            # store-unavailable: try again later.
+            e = failure.value
+            return answer(request, 503, {"error": e.code, "message": str(e)})
+        self.log.failure(
+            "web API request {method} {uri} failed",
+            failure,
+            method=request.method,
+            uri=request.uri,
+        )
+        return answer(
+            request,
+            500,
+            {
+                "error": "internal-error",
+                "message": "the broker failed; see its log",
+            },
+        )
+
+    def _finish(self, body, request):
+        if not request.finished and not getattr(request, "_disconnected", False):
+            request.write(body)
+            request.finish()
 
     def _route(self, segments):
         try:
@@ -288,14 +310,13 @@ class Api(resource.Resource):
         after = int_arg(request, "after", 0)
         limit = int_arg(request, "limit", DEFAULT_LIMIT, MAX_LIMIT)
         self._queue(client_id, event)
-        rows, more = self.broker.peek(client_id, event, after, limit)
-        for row in rows:
-            row["payload"] = codec.loads(row["payload"].encode("utf-8"))
-        return {"messages": rows, "more": more}
+        return _then(self.broker.peek(client_id, event, after, limit), _messages)
 
     def purge(self, request, client_id, event):
         self._queue(client_id, event)
-        return {"purged": self.broker.purge(client_id, event)}
+        return _then(
+            self.broker.purge(client_id, event), lambda count: {"purged": count}
+        )
 
     def requeue(self, request, client_id, event):
         message_id = text_arg(request, "messageId")
@@ -340,3 +361,20 @@ class Api(resource.Resource):
             # Messages after `after` that fell out of the bounded log
             "missed": oldest is not None and after < oldest - 1,
         }
+
+
+def _messages(peeked):
+    rows, more = peeked
+    for row in rows:
+        row["payload"] = codec.loads(row["payload"].encode("utf-8"))
+    return {"messages": rows, "more": more}
+
+
+def _then(result, f):
+    """
+    C{f(result)}, or, for a L{Deferred} (a broker sharing its store
+    answers later), a L{Deferred} of it.
+    """
+    if isinstance(result, defer.Deferred):
+        return result.addCallback(f)
+    return f(result)
