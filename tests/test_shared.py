@@ -61,7 +61,7 @@ class Cluster:
         for _ in range(SETTLE_ROUNDS):
             self.clock.advance(0)
             heard = False
-            while (message := self.events.get_message(timeout=0.01)) is not None:
+            while (message := self.events.get_message(timeout=0.002)) is not None:
                 if message["type"] != "message":
                     continue
                 heard = True
