@@ -142,7 +142,7 @@ class Scene:
         """
         for child in self.children:
             if not child.ended.called:
-                child.signal("TERM" if child.name == "broker" else "INT")
+                child.signal("TERM" if child.name.startswith("broker") else "INT")
         for child in self.children:
             if not child.ended.called:
                 try:
@@ -166,11 +166,15 @@ def broker_command(*args):
     return TWISTD + ("-n", "--pidfile=", "--logfile=-", "caps-broker") + args
 
 
-async def start_broker(scene, store, listen="tcp:0:interface=127.0.0.1"):
+async def start_broker(
+    scene, store, listen="tcp:0:interface=127.0.0.1", *args, name="broker"
+):
     """
     Start a broker on C{store} and return its process and address.
     """
-    broker = scene.spawn("broker", broker_command("--listen", listen, "--store", store))
+    broker = scene.spawn(
+        name, broker_command("--listen", listen, "--store", store, *args)
+    )
     await scene.until(
         "the broker to listen",
         lambda: broker.ended.called or any(map(LISTENING.search, broker.lines)),
@@ -189,30 +193,52 @@ async def run_scene(
     echo=None,
     timeout=60.0,
     store=None,
+    brokers=1,
 ):
     """
     Play the scene, with the broker's store in C{workdir} (or C{store}, a
     store description such as a Redis URL), and return the L{Scene}.
-    Every process started is stopped by its PID before this returns,
-    whatever happens.
+    With several C{brokers} (C{store} must be Redis), they share it
+    (C{--shared}), every app is given them all, each starting with a
+    different one, and the broker killed midway is not started again: its
+    clients go on through the others.  Every process started is stopped by
+    its PID before this returns, whatever happens.
     """
     scene = Scene(reactor, timeout)
     say = echo or (lambda line: None)
     if store is None:
         store = "sqlite:" + os.path.join(workdir, "caps.sqlite3")
+    shared = ("--shared",) if brokers > 1 else ()
     try:
-        broker, address = await start_broker(scene, store)
+        started = []
+        for i in range(brokers):
+            name = "broker" if brokers == 1 else f"broker {i + 1}"
+            started.append(
+                await start_broker(
+                    scene, store, "tcp:0:interface=127.0.0.1", *shared, name=name
+                )
+            )
+            say(f"DEMO: {name} listening on {started[-1][1]}, store {store}")
+        broker, address = started[0]
         host, port = address.rsplit(":", 1)
-        endpoint = f"tcp:{host}:{port}"
-        say(f"DEMO: broker listening on {address}, store {store}")
+        endpoints = ["tcp:" + a for _, a in started]
+        turn = iter(range(1_000_000))
+
+        def brokers_for():
+            """
+            Every broker, as repeated --broker options, starting with the
+            next one in turn.
+            """
+            first = next(turn) % len(endpoints)
+            rotated = endpoints[first:] + endpoints[:first]
+            return [arg for e in rotated for arg in ("--broker", e)]
 
         for name, seconds in (("ann", delay), ("bob", delay * 1.5)):
             scene.spawn(
                 "driver " + name,
                 app_command(
                     "caps.driver",
-                    "--broker",
-                    endpoint,
+                    *brokers_for(),
                     "--name",
                     name,
                     "--delay",
@@ -226,8 +252,7 @@ async def run_scene(
                 "vendor " + store,
                 app_command(
                     "caps.vendor",
-                    "--broker",
-                    endpoint,
+                    *brokers_for(),
                     "--store",
                     store,
                     "--interval",
@@ -254,14 +279,24 @@ async def run_scene(
             "the drivers to deliver 1-800-flowers' orders",
             lambda: missed <= set(scene.count(DELIVERED)),
         )
-        say(
-            f"DEMO: {len(missed)} deliveries for 1-800-flowers are waiting in its "
-            "queue; killing the broker with SIGKILL and starting it again"
-        )
-        broker.signal("KILL")
-        await scene.until("the broker to die", lambda: broker.ended.called)
-        broker, _ = await start_broker(scene, store, f"tcp:{port}:interface={host}")
-        say("DEMO: broker back on the same store; restarting 1-800-flowers")
+        if brokers > 1:
+            say(
+                f"DEMO: {len(missed)} deliveries for 1-800-flowers are waiting in "
+                f"its queue; killing broker 1 of {brokers} with SIGKILL: its "
+                "clients go on through the others"
+            )
+            broker.signal("KILL")
+            await scene.until("broker 1 to die", lambda: broker.ended.called)
+            say("DEMO: restarting 1-800-flowers")
+        else:
+            say(
+                f"DEMO: {len(missed)} deliveries for 1-800-flowers are waiting in "
+                "its queue; killing the broker with SIGKILL and starting it again"
+            )
+            broker.signal("KILL")
+            await scene.until("the broker to die", lambda: broker.ended.called)
+            await start_broker(scene, store, f"tcp:{port}:interface={host}")
+            say("DEMO: broker back on the same store; restarting 1-800-flowers")
         flowers = vendor("1-800-flowers", half)
         await scene.until(
             "both vendors to see all their orders delivered",
@@ -284,12 +319,23 @@ class Options(usage.Options):
         ],
     ]
     optParameters = [
+        [
+            "brokers",
+            "b",
+            1,
+            "With --redis: run this many brokers sharing the Redis server "
+            "(--shared); the one killed midway stays dead and its clients "
+            "move to the others.",
+            positive_int,
+        ],
         ["orders", "n", 8, "Orders acme-widgets places.", positive_int],
         ["interval", "i", 0.5, "Seconds between a vendor's orders.", seconds],
         ["delay", "d", 0.8, "Seconds a driver takes to deliver.", seconds],
     ]
 
     def postOptions(self):
+        if self["brokers"] > 1 and not self["redis"]:
+            raise usage.UsageError("--brokers needs --redis (they share it)")
         if self["redis"]:
             from caps import redisserver
 
@@ -316,6 +362,7 @@ async def main(reactor, *argv):
             delay=options["delay"],
             echo=app.emit,
             store=store,
+            brokers=options["brokers"],
         )
     summary = scene.summary()
     app.emit(
