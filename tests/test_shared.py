@@ -5,6 +5,7 @@ L{Clock}, and what the brokers announce on the channel is handed to every
 broker by L{Cluster.settle}, so each test decides when news travels.
 """
 
+import json
 from unittest import skipIf
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -424,6 +425,45 @@ class SharedBrokerTests(redisserver.OnSharedServer, SynchronousTestCase):
         rows, more = self.cluster.result(self.c.peek("driver", "pickup"))
         self.assertEqual([r["messageId"] for r in rows], [answers[0]["messageId"]])
         self.assertEqual(driver.ids(), [answers[0]["messageId"]])
+
+    def test_web_api_answers_from_redis(self):
+        """
+        The JSON API of a shared broker peeks, purges and requeues in
+        Redis, answering once Redis has.
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        from caps.web import make_site
+
+        from .test_web import Response
+
+        site = make_site(self.c)
+
+        def request(method, path):
+            channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+            transport = StringTransport()
+            channel.makeConnection(transport)
+            head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            if method == "POST":
+                head += "Content-Length: 0\r\n"
+            channel.dataReceived((head + "\r\n").encode())
+            self.cluster.settle()
+            response = Response(channel, transport)
+            self.addCleanup(channel.connectionLost, None)
+            return response.status, json.loads(response.body)
+
+        [answer] = self.publish(self.a, to=["vendor"])
+        status, body = request("GET", "/api/queues/vendor/pickup/messages")
+        self.assertEqual(status, 200)
+        self.assertEqual(
+            [m["messageId"] for m in body["messages"]], [answer["messageId"]]
+        )
+        self.assertEqual(
+            request("POST", "/api/queues/vendor/pickup/purge"), (200, {"purged": 1})
+        )
+        status, body = request("POST", "/api/queues/vendor/pickup/requeue")
+        self.assertEqual((status, body["requeued"]), (200, 0))
 
 
 @skipIf(not redisserver.AVAILABLE, redisserver.skip_reason)
