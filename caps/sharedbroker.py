@@ -200,6 +200,20 @@ class SharedBroker(Broker):
             self._refresh_again = False
             self._refresh()
 
+    def _changed(self, version):
+        """
+        This broker changed a subscription, and Redis's version is now
+        C{version}: if that is the next after the one this broker read,
+        nobody else changed one meanwhile and its own view is current;
+        else read them all again.
+        """
+        if version == self._version:
+            return
+        if version == self._version + 1 and not self._refreshing:
+            self._version = version
+        else:
+            self._refresh()
+
     def _fresh_subscriptions(self):
         """
         A L{Deferred} firing once the subscriptions were read again.
@@ -342,8 +356,7 @@ class SharedBroker(Broker):
 
         def saved(result):
             version, count = result
-            if version != self._version:
-                self._refresh()
+            self._changed(version)
             return dict(answer, messages=count)
 
         def settled(result):
@@ -364,8 +377,7 @@ class SharedBroker(Broker):
         d = self.store.call("delete", qid(client_id, event), retry=True)
 
         def deleted(version):
-            if version != self._version:
-                self._refresh()
+            self._changed(version)
             return answer
 
         return d.addCallback(deleted)

@@ -202,6 +202,9 @@ class SharedMachine(RuleBasedStateMachine):
         for connection in list(self.consumers):
             self.consumers.pop(connection).disconnect(connection)
         self.holding.clear()
+        # Their messages given back (to the dead letters, some) before the
+        # requeue, which another broker sends.
+        self.settle()
         self.cluster.result(self.brokers[1].requeue("driver", "pickup"))
         last = RecordingConnection()
         self.brokers[0].connect(last)
