@@ -31,20 +31,7 @@ async def test_catch_up_scene(reactor, tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_catch_up_scene_on_redis(reactor, tmp_path):
     """The same on a Redis store: the broker killed and restarted loses nothing and doubles nothing."""
-    server = redisserver.RedisServer().start()
-    try:
-        scene = await run_scene(
-            reactor,
-            str(tmp_path),
-            orders=4,
-            interval=0.2,
-            delay=0.3,
-            timeout=60,
-            store=server.url,
-        )
-    finally:
-        server.stop()
-    check_scene(scene)
+    check_scene(await scene_on_redis(reactor, tmp_path))
 
 
 @pytest.mark.skipif(not redisserver.AVAILABLE, reason=str(redisserver.skip_reason))
@@ -56,9 +43,23 @@ async def test_catch_up_scene_on_three_shared_brokers(reactor, tmp_path):
     vendor restarted catches up through another broker, and nothing is
     lost or doubled.
     """
+    check_scene(
+        await scene_on_redis(reactor, tmp_path, brokers=3),
+        {
+            "broker 1": [-signal.SIGKILL],
+            "broker 2": [-signal.SIGTERM],
+            "broker 3": [-signal.SIGTERM],
+        },
+    )
+
+
+async def scene_on_redis(reactor, tmp_path, brokers=1):
+    """
+    The scene on a Redis server of its own, stopped afterwards.
+    """
     server = redisserver.RedisServer().start()
     try:
-        scene = await run_scene(
+        return await run_scene(
             reactor,
             str(tmp_path),
             orders=4,
@@ -66,18 +67,10 @@ async def test_catch_up_scene_on_three_shared_brokers(reactor, tmp_path):
             delay=0.3,
             timeout=60,
             store=server.url,
-            brokers=3,
+            brokers=brokers,
         )
     finally:
         server.stop()
-    check_scene(
-        scene,
-        {
-            "broker 1": [-signal.SIGKILL],
-            "broker 2": [-signal.SIGTERM],
-            "broker 3": [-signal.SIGTERM],
-        },
-    )
 
 
 # Killed midway; the second one stopped with SIGTERM, which twistd re-raises

@@ -22,55 +22,23 @@ from caps.store import UNAVAILABLE, StoreUnavailable
 RETRY_DELAY = 1.0
 
 
-class GroupCommit:
+class WriterThread:
     """
-    The part of a store that records changes and writes them in groups.
-
-    A subclass gives C{name} (how logs name the store), C{handle} (what its
-    writer functions take first: a connection) and C{_write_batch(ops,
-    now)}, run on the writer thread, returning the seconds the write took;
-    and C{_release()}, to let its resources go once closed.
-
-    @ivar available: False after a failed write, until a retry succeeds;
-        the broker refuses changes meanwhile.
-    @ivar commit_observers: callables told, on the reactor thread, the
-        seconds each group commit took (the metrics' histogram).
+    Work queued on the reactor thread and done in batches on one writer
+    thread: the batch being written (C{_writing}: its work and the
+    L{Deferred}s waiting for it) and the next one building up (C{_ops},
+    C{_waiters}).  Used by L{GroupCommit} and by the shared Redis store's
+    link (L{caps.store.shared}).
     """
-
-    log = Logger()
-    name = "?"
 
     def __init__(self, clock, runner=None):
         self.clock = clock
-        self.available = True
         self._runner = runner
         self._pool = None
         self._ops = []
         self._waiters = []
         # (ops, waiters) of the batch being written, or None
         self._writing = None
-        self._call = None
-        self._closed = False
-        # Writing stopped for good (see stop_writing)
-        self._stopped = False
-        self.commit_observers = []
-
-    def _record(self, op, params):
-        if self._closed or self._stopped:
-            return
-        self._ops.append((op, params))
-        if self._call is None and self._writing is None:
-            self._call = self.clock.callLater(0, self._flush)
-
-    def _after_writes(self, f, *args):
-        """
-        Run C{f(handle, *args)} on the writer thread once every change
-        recorded so far is written.
-        """
-        waiting = self.flushed()
-        if waiting is None:
-            return self._run(f, self.handle, *args)
-        return waiting.addCallback(lambda _: self._run(f, self.handle, *args))
 
     @property
     def backlog(self):
@@ -102,6 +70,51 @@ class GroupCommit:
             self._pool = ThreadPool(1, 1, name="caps-store-writer")
             self._pool.start()
         return deferToThreadPool(self.clock, self._pool, f, *args)
+
+
+class GroupCommit(WriterThread):
+    """
+    The part of a store that records changes and writes them in groups.
+
+    A subclass gives C{name} (how logs name the store), C{handle} (what its
+    writer functions take first: a connection) and C{_write_batch(ops,
+    now)}, run on the writer thread, returning the seconds the write took;
+    and C{_release()}, to let its resources go once closed.
+
+    @ivar available: False after a failed write, until a retry succeeds;
+        the broker refuses changes meanwhile.
+    @ivar commit_observers: callables told, on the reactor thread, the
+        seconds each group commit took (the metrics' histogram).
+    """
+
+    log = Logger()
+    name = "?"
+
+    def __init__(self, clock, runner=None):
+        super().__init__(clock, runner)
+        self.available = True
+        self._call = None
+        self._closed = False
+        # Writing stopped for good (see stop_writing)
+        self._stopped = False
+        self.commit_observers = []
+
+    def _record(self, op, params):
+        if self._closed or self._stopped:
+            return
+        self._ops.append((op, params))
+        if self._call is None and self._writing is None:
+            self._call = self.clock.callLater(0, self._flush)
+
+    def _after_writes(self, f, *args):
+        """
+        Run C{f(handle, *args)} on the writer thread once every change
+        recorded so far is written.
+        """
+        waiting = self.flushed()
+        if waiting is None:
+            return self._run(f, self.handle, *args)
+        return waiting.addCallback(lambda _: self._run(f, self.handle, *args))
 
     def _flush(self):
         self._call = None

@@ -81,7 +81,9 @@ def message(seq, row, deliveries):
 #   removeid 5 SEQS ROWS DELIVERIES IDS MESSAGEID   (its seqs are returned)
 # A failed check is an error reply: LOCKLOST <holder>, EXPIRED, or
 # DATALOST <count>.
-BATCH = """
+# Forget one copy (seq) of a messageId in an ids hash (Lua, shared with
+# caps.store.sharedlayout).
+FORGET = """
 local function forget(ids, id, seq)
   local held = redis.call('HGET', ids, id)
   if held == seq then
@@ -100,7 +102,11 @@ local function forget(ids, id, seq)
     end
   end
 end
+"""
 
+BATCH = (
+    FORGET
+    + """
 local function add(seqs, rows, deliveries, ids, first, last)
   for i = first, last, 4 do
     local seq, id = ARGV[i], ARGV[i + 1]
@@ -187,6 +193,7 @@ redis.call('SET', KEYS[2], tonumber(ARGV[2]) + 1)
 redis.call('SET', KEYS[3], ARGV[1])
 return out
 """
+)
 
 # KEYS: seqs, rows, deliveries.  ARGV: after, limit.  Returns seq, row,
 # deliveries for each message, flat, in order.

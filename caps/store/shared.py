@@ -23,14 +23,13 @@ import time
 import uuid
 
 from twisted.internet import defer, task
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from caps.queue import Queue
 from caps.store import UNAVAILABLE, State, StoreError, StoreUnavailable
 from caps.store import sharedlayout as layout
+from caps.store.group import WriterThread
 from caps.store.redis import _check_durable, _wait_durable
 from caps.store.redisconnect import connect, shown, version
 from caps.store.redislayout import LAYOUT_KEY
@@ -44,7 +43,7 @@ BEAT = 1.0
 EXPIRE_BUDGET = 1000
 
 
-class SharedStore:
+class SharedStore(WriterThread):
     """
     One broker's link to the Redis it shares with others.
 
@@ -61,8 +60,8 @@ class SharedStore:
     def __init__(
         self, url, clock, client, broker_id, durable=None, runner=None, listen=True
     ):
+        super().__init__(clock, runner)
         self.name = shown(url)
-        self.clock = clock
         self.broker_id = broker_id
         self.durable, self.replicas = durable or (None, 0)
         self.available = True
@@ -71,14 +70,9 @@ class SharedStore:
         self.max_deliveries = 20
         self._url = url
         self._client = client
-        self._runner = runner
-        self._pool = None
         self._shas = {
             name: client.script_load(source) for name, source in layout.SCRIPTS.items()
         }
-        self._ops = []
-        self._waiters = []
-        self._writing = None
         self._call = None
         self._closed = False
         self._listen = listen
@@ -196,37 +190,6 @@ class SharedStore:
         Run a script at once, on the caller's thread (only while starting).
         """
         return self._client.evalsha(self._shas[name], 0, *args)
-
-    @property
-    def backlog(self):
-        writing = len(self._writing[0]) if self._writing is not None else 0
-        return len(self._ops) + writing
-
-    def pending(self):
-        if self._ops:
-            return self._waiters
-        if self._writing is not None:
-            return self._writing[1]
-        return None
-
-    def flushed(self):
-        if self._ops:
-            waiters = self._waiters
-        elif self._writing is not None:
-            waiters = self._writing[1]
-        else:
-            return None
-        d = defer.Deferred()
-        waiters.append(d)
-        return d
-
-    def _run(self, f, *args):
-        if self._runner is not None:
-            return self._runner(f, *args)
-        if self._pool is None:
-            self._pool = ThreadPool(1, 1, name="caps-shared-link")
-            self._pool.start()
-        return deferToThreadPool(self.clock, self._pool, f, *args)
 
     def _flush(self):
         self._call = None

@@ -35,6 +35,7 @@ was acknowledged through another).
 import hashlib
 
 from caps.frames import DEAD_SUFFIX
+from caps.store.redislayout import FORGET
 
 LAYOUT = "shared-1"
 PREFIX = "caps:s:"
@@ -61,7 +62,8 @@ def dead_qid(client_id, event):
 
 
 # Functions every script starts with.
-_PRELUDE = r"""
+_PRELUDE = (
+    r"""
 local P = 'caps:s:'
 local NOTIFY = {}
 
@@ -112,24 +114,9 @@ local function add_id(ids, id, seq)
   end
 end
 
-local function forget(ids, id, seq)
-  local held = redis.call('HGET', ids, id)
-  if held == seq then
-    redis.call('HDEL', ids, id)
-  elseif held then
-    local rest = {}
-    for other in string.gmatch(held, '%S+') do
-      if other ~= seq then
-        rest[#rest + 1] = other
-      end
-    end
-    if #rest == 0 then
-      redis.call('HDEL', ids, id)
-    else
-      redis.call('HSET', ids, id, table.concat(rest, ' '))
-    end
-  end
-end
+"""
+    + FORGET
+    + r"""
 
 local function unlive(id, n)
   if redis.call('HINCRBY', P .. 'live', id, -n) <= 0 then
@@ -203,6 +190,26 @@ local function to_dead(qid, client, event, seq, reason, now)
   put(dead, seq, head .. rest, sent)
 end
 
+-- Put every message BROKER holds back in its queue, ready; forget its
+-- claims.  Returns how many.
+local function give_back_all(broker)
+  local returned = 0
+  for _, qid in ipairs(redis.call('SMEMBERS', P .. 'claims:' .. broker)) do
+    local ready, rows, owned = qkeys(qid)
+    local held = redis.call('HGETALL', owned)
+    for i = 1, #held, 2 do
+      if held[i + 1] == broker then
+        redis.call('HDEL', owned, held[i])
+        redis.call('ZADD', ready, held[i], held[i])
+        NOTIFY[qid] = true
+        returned = returned + 1
+      end
+    end
+  end
+  redis.call('DEL', P .. 'claims:' .. broker)
+  return returned
+end
+
 -- Append the queues that got ready messages to OUT, and announce them.
 local function notified(out)
   local qids = {}
@@ -216,6 +223,7 @@ local function notified(out)
   return out
 end
 """
+)
 
 # ARGV: the subscriptions version the broker routed with, now, the
 # messageId (JSON) or '', when a client-given id may be forgotten, the
@@ -564,19 +572,7 @@ local reaped, returned, expired = 0, 0, 0
 for _, broker in ipairs(brokers) do
   if redis.call('EXISTS', P .. 'alive:' .. broker) == 0 then
     reaped = reaped + 1
-    for _, qid in ipairs(redis.call('SMEMBERS', P .. 'claims:' .. broker)) do
-      local ready, rows, owned = qkeys(qid)
-      local held = redis.call('HGETALL', owned)
-      for i = 1, #held, 2 do
-        if held[i + 1] == broker then
-          redis.call('HDEL', owned, held[i])
-          redis.call('ZADD', ready, held[i], held[i])
-          NOTIFY[qid] = true
-          returned = returned + 1
-        end
-      end
-    end
-    redis.call('DEL', P .. 'claims:' .. broker)
+    returned = returned + give_back_all(broker)
     redis.call('HDEL', P .. 'brokers', broker)
   end
 end
@@ -644,18 +640,8 @@ LEAVE = (
     _PRELUDE
     + r"""
 local broker = ARGV[1]
-for _, qid in ipairs(redis.call('SMEMBERS', P .. 'claims:' .. broker)) do
-  local ready, rows, owned = qkeys(qid)
-  local held = redis.call('HGETALL', owned)
-  for i = 1, #held, 2 do
-    if held[i + 1] == broker then
-      redis.call('HDEL', owned, held[i])
-      redis.call('ZADD', ready, held[i], held[i])
-      NOTIFY[qid] = true
-    end
-  end
-end
-redis.call('DEL', P .. 'claims:' .. broker, P .. 'alive:' .. broker)
+give_back_all(broker)
+redis.call('DEL', P .. 'alive:' .. broker)
 redis.call('HDEL', P .. 'brokers', broker)
 return notified({})
 """
