@@ -499,14 +499,14 @@ class SharedBroker(Broker):
             catchup = session.catchups[0]
             if catchup.claiming:
                 return
-            if session.full:
-                # The rest waits for acknowledgements.
-                return
             if catchup.exhausted:
                 session.catchups.popleft()
                 catchup.done(catchup.count)
                 self._forget(catchup.queue)
                 continue
+            if session.full:
+                # The rest waits for acknowledgements.
+                return
             want = min(CLAIM_MOST, session.max_unacked - len(session.in_flight))
             catchup.claiming = True
             until = "now" if catchup.until is None else catchup.until

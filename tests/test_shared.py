@@ -200,6 +200,38 @@ class SharedBrokerTests(redisserver.OnSharedServer, SynchronousTestCase):
         self.publish(self.c, 2, to=["vendor"])
         self.assertEqual(self.cluster.result(d)["count"], 3)
 
+    def test_catch_up_to_the_connection_limit(self):
+        """
+        A getAll stops at the connection's limit of unacknowledged
+        messages, goes on as they are acknowledged, and answers as soon as
+        the last one is sent.
+        """
+        answers = self.publish(self.a, 5, to=["vendor"])
+        vendor = RecordingConnection()
+        self.b.connect(vendor)
+        self.b._sessions[vendor].max_unacked = 2
+        d = self.b.get_all(vendor, "vendor", "pickup")
+        sent = []
+        for through in (self.b, self.c, self.a):
+            self.cluster.settle()
+            self.assertNoResult(d)
+            taken = vendor.take()
+            self.assertEqual(len(taken), 2)
+            sent += taken
+            for delivery in taken:
+                self.cluster.result(
+                    through.received("vendor", "pickup", delivery["messageId"])
+                )
+            if len(sent) == 4:
+                break
+        self.cluster.settle()
+        [last] = vendor.take()
+        self.assertEqual(self.successResultOf(d)["count"], 5)
+        self.assertEqual(
+            [m["messageId"] for m in sent + [last]],
+            [a["messageId"] for a in answers],
+        )
+
     def test_messages_in_flight_come_back_when_their_connection_goes(self):
         """A consumer leaving one broker: its messages go to a consumer on another."""
         first = self.consumer(self.a)
