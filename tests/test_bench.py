@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from caps import bench, redisserver
 from caps.bench import load as benchload
+from caps.bench import measure as benchmeasure
 from caps.bench import report as benchreport
 from caps.relay import FastRelay, Relay, RelayFactory
 
@@ -32,7 +33,7 @@ STORES += ["sqlite-full", "sqlite-normal"]
 if not HAVE_ORJSON:
     STORES.remove("relay-fast")
 if redisserver.AVAILABLE:
-    STORES += ["redis", "redis-durable"]
+    STORES += ["redis", "redis-durable", "shared-1", "shared-2", "shared-3"]
 
 
 def run_bench(case, *args):
@@ -106,6 +107,43 @@ class BenchSmokeTests(SynchronousTestCase):
             self.assertIn(title, text)
         self.assertIn("broker CPU µs/msg", text)
 
+    def test_shared_run(self):
+        """A tiny shared-2 run measures every section on two brokers sharing one Redis, beside the relays."""
+        if not redisserver.AVAILABLE:
+            raise self.skipTest(redisserver.skip_reason)
+        text, report, _ = run_bench(
+            self,
+            *("--store", "shared-2", "--messages", "301", "--latency-messages", "100"),
+            *("--backlog", "300", "--connections", "100"),
+        )
+        relays = [name for name in STORES if name in bench.RELAYS]
+        for section in bench.SECTIONS:
+            stores = [r["store"] for r in report[section]]
+            self.assertEqual(stores, [*relays, "shared-2"], section)
+        rows = {section: report[section][-1] for section in bench.SECTIONS}
+        self.assertEqual(rows["throughput"]["messages"], 301)
+        for section, keys in {
+            "throughput": (
+                "msgs_per_s",
+                "broker_cpu_us_per_msg",
+                "store_cpu_us_per_msg",
+                "cpu_vs_relay",
+                "throughput_vs_relay",
+            ),
+            "latency": ("p50_ms", "max_ms", "confirm_p50_ms", "achieved_rate"),
+            "drain": (
+                "publish_msgs_per_s",
+                "drain_msgs_per_s",
+                "drain_cpu_us_per_msg",
+                "drain_store_cpu_us_per_msg",
+                "rss_before_mb",
+            ),
+            "connections": ("bytes_per_connection",),
+        }.items():
+            for key in keys:
+                self.assertGreater(rows[section][key], 0, (section, key))
+        self.assertEqual(text.count("\nshared-2 "), len(bench.SECTIONS))
+
     def test_stall_smoke(self):
         """The stall run compares the writer thread with commits on the reactor."""
         _, rows, _ = run_bench(self, "--stall", "--messages", "2000")
@@ -158,11 +196,18 @@ class OptionsTests(SynchronousTestCase):
         self.assertNotIn("relay-fast", settings["stores"])
         self.assertIn("orjson", notes[0])
 
+    def test_shared_stores(self):
+        """The shared stores are part of everything, and can be chosen alone."""
+        settings, _ = self.settings()
+        self.assertEqual(settings["stores"][-3:], ["shared-1", "shared-2", "shared-3"])
+        settings, _ = self.settings("--store", "shared-2")
+        self.assertEqual(settings["stores"], ["relay", "relay-fast", "shared-2"])
+
     def test_without_redis(self):
         """Where Redis cannot run, the Redis stores are left out, and a note says why."""
         settings, notes = self.settings(redis_missing="redis-server is not installed")
-        self.assertNotIn("redis", settings["stores"])
-        self.assertNotIn("redis-durable", settings["stores"])
+        for name in ("redis", "redis-durable", "shared-1", "shared-2", "shared-3"):
+            self.assertNotIn(name, settings["stores"])
         self.assertIn("memory", settings["stores"])
         self.assertEqual(
             notes, ["the Redis stores skipped: redis-server is not installed"]
@@ -251,6 +296,98 @@ class ReportTests(SynchronousTestCase):
         self.assertTrue(stream.getvalue().endswith("\n"))
 
 
+class FakeClient:
+    """
+    A client process that is not: it records how it was started and
+    reports at once, taking C{clock} (a list of one count) for its times.
+    """
+
+    def __init__(self, target, args, via, clock):
+        self.target = target
+        self.args = args
+        self.via = via
+        self.clock = clock
+        self.words = []
+
+    def expect(self, kind, timeout=None):
+        self.clock[0] += 1
+        return {"start": self.clock[0] * 10**9, "end": self.clock[0] * 10**9}
+
+    def send(self, word):
+        self.words.append(word)
+
+
+class FakeBroker:
+    """
+    A broker for the measures: this process stands in for its PID.
+    """
+
+    pid = os.getpid()
+    store_pid = None
+
+
+class MeasureTests(SynchronousTestCase):
+    def test_split(self):
+        """Messages are split as evenly as can be, the first pairs taking the remainder."""
+        self.assertEqual(benchmeasure.split(10, 3), [4, 3, 3])
+        self.assertEqual(benchmeasure.split(11, 3), [4, 4, 3])
+        self.assertEqual(benchmeasure.split(9, 3), [3, 3, 3])
+        self.assertEqual(benchmeasure.split(7, 1), [7])
+        self.assertEqual(benchmeasure.split(2, 3), [1, 1, 0])
+
+    def test_queues(self):
+        """A shared store has a queue for each of its brokers; the others the one bench queue."""
+        self.assertEqual(bench.queues("shared-3"), (b"bench-0", b"bench-1", b"bench-2"))
+        self.assertEqual(bench.queues("shared-1"), (b"bench-0",))
+        self.assertEqual(bench.queues("memory"), (b"bench",))
+
+    def test_pairs_cross_brokers(self):
+        """Pair i publishes to bench-i through broker i and consumes it through the next broker; time runs from the first start to the last end."""
+        clock = [0]
+        started = []
+
+        def start(target, *args, via=0):
+            started.append(FakeClient(target, args, via, clock))
+            return started[-1]
+
+        row = benchmeasure.measure_throughput(
+            [FakeBroker()] * 3, start, 10, 50, bench.queues("shared-3")
+        )
+        self.assertEqual(
+            [(c.target.__name__, c.args, c.via) for c in started],
+            [
+                ("consumer", (4, False, False, b"bench-0"), 1),
+                ("consumer", (3, False, False, b"bench-1"), 2),
+                ("consumer", (3, False, False, b"bench-2"), 0),
+                ("producer", (4, 50, b"bench-0"), 0),
+                ("producer", (3, 50, b"bench-1"), 1),
+                ("producer", (3, 50, b"bench-2"), 2),
+            ],
+        )
+        self.assertEqual([c.words for c in started], [[]] * 3 + [["go"]] * 3)
+        # Ready: 1 to 6; the producers' done: 7 to 9, the consumers': 10 to 12.
+        self.assertEqual(row["seconds"], 12 - 7)
+        self.assertEqual(row["msgs_per_s"], 10 / 5)
+        self.assertIsNone(row["store_cpu_us_per_msg"])
+
+    def test_pairs_without_messages(self):
+        """A pair left with no message to carry is not started."""
+        clock = [0]
+        started = []
+
+        def start(target, *args, via=0):
+            started.append(FakeClient(target, args, via, clock))
+            return started[-1]
+
+        benchmeasure.measure_throughput(
+            [FakeBroker()] * 3, start, 2, 50, bench.queues("shared-3")
+        )
+        self.assertEqual(
+            [(c.target.__name__, c.via) for c in started],
+            [("consumer", 1), ("consumer", 2), ("producer", 0), ("producer", 1)],
+        )
+
+
 class LoadTests(SynchronousTestCase):
     def test_publish_frame(self):
         """A publish is one JSON line addressed to the bench queue, of about 200 bytes, with its send time."""
@@ -260,6 +397,21 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(frame["to"], "bench")
         self.assertEqual(frame["payload"]["sent"], 123456789)
         self.assertTrue(180 <= len(json.dumps(frame["payload"])) <= 240)
+
+    def test_frames_for_a_queue(self):
+        """The templates built for another queue publish to it, subscribe to it and acknowledge in it."""
+        frame = json.loads(benchload.publish_frame(b"bench-2") % (3, 42))
+        self.assertEqual((frame["to"], frame["id"]), ("bench-2", 3))
+        self.assertEqual(frame["payload"]["sent"], 42)
+        self.assertEqual(benchload.publish_frame(), benchload.PUBLISH)
+        ack = json.loads(benchload.ack_head(b"bench-2") + b"17" + benchload.ACK_TAIL)
+        self.assertEqual(
+            ack["payload"],
+            {"clientId": "bench-2", "event": "order", "messageId": "17"},
+        )
+        self.assertEqual(benchload.ack_head(), benchload.ACK_HEAD)
+        subscribe = json.loads(benchload.SUBSCRIBE % b"bench-2")
+        self.assertEqual(subscribe["payload"]["clientId"], "bench-2")
 
     def test_broker_error(self):
         """An error frame from the broker stops the client with the broker's words."""

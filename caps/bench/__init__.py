@@ -1,9 +1,10 @@
 """
 The benchmark: run it on your own machine (Linux: it reads /proc).
 
-    python -m caps.bench                         # everything: about 90 s on 2 cores
+    python -m caps.bench                         # everything: several minutes on 2 cores
     python -m caps.bench --quick                 # a smoke run, small numbers
     python -m caps.bench --store memory,sqlite-full --runs 3
+    python -m caps.bench --store redis,shared-1,shared-2,shared-3
     python -m caps.bench --json bench.json --chart bench.png
     python -m caps.bench --scaling --store memory  # and at 10k, 100k, 1M messages
     python -m caps.bench --stall                 # what commits do to the reactor
@@ -12,7 +13,12 @@ Each store (memory, memory-no-event-log, sqlite-full, sqlite-normal, redis,
 redis-durable) gets
 a real broker (twistd caps-broker) on loopback (one for throughput and
 latency, a fresh one for catch-up and another for connections), driven by
-raw-socket clients in processes of their own.  First come
+raw-socket clients in processes of their own.  The shared stores,
+shared-1, shared-2 and shared-3, get 1, 2 or 3 real brokers, all with
+--store redis://... --shared on one Redis server (fsync every second, as
+for redis): brokers sharing one Redis, a client on any of them
+(docs/scaling.md); fresh ones, and a fresh Redis, for each part too.
+shared-1 is one broker in that mode, to compare with redis.  First come
 two bare relays (caps/relay.py), which decode every frame and encode every
 delivery and keep nothing: "relay" (stdlib json, LineReceiver) and
 "relay-fast" (orjson, LineOnlyReceiver), the floor a one-process Python
@@ -23,17 +29,28 @@ different runs or machines.
 
 Throughput.  A producer publishes --messages orders (about 200 bytes of
 JSON each) with up to --window unconfirmed; a consumer (prefetch 1,000,
-the broker's default) acknowledges every one.
+the broker's default) acknowledges every one.  With shared-N, N such
+pairs run at once, the messages split over them (the first pairs one
+more while the remainder lasts), each producer with up to --window
+unconfirmed: pair i publishes to queue bench-i through broker i, and
+its consumer takes them from bench-i through broker i + 1 (modulo N), so
+that with 2 or 3 brokers every message crosses from one broker to
+another.
   msgs/s               messages over the time from the first publish to
                        the last acknowledgement handled by the broker (a
-                       ping round trip after it).
+                       ping round trip after it); with shared-N, from the
+                       earliest start of a producer to the latest end of
+                       a consumer.
   broker CPU µs/msg    the broker process's own CPU time (all threads,
                        from /proc) over the run, per message: publish,
                        delivery and acknowledgement.  The steadiest figure.
+                       With shared-N, the CPU time of its N brokers
+                       together (the Redis server's is apart, below).
   Redis CPU µs/msg     with a Redis store, the CPU time of its Redis
                        server (a process of its own on loopback, started
-                       by the benchmark: fsync every second for redis,
-                       before every answer for redis-durable) per message.
+                       by the benchmark: fsync every second for redis and
+                       shared-N, before every answer for redis-durable)
+                       per message; shared-N's N brokers share one.
   CPU vs relay         broker CPU per message over the lowest relay's in
                        the same run; msgs/s vs relay: msgs/s over the
                        highest relay's.
@@ -41,6 +58,8 @@ the broker's default) acknowledges every one.
 Latency.  A producer publishes --latency-messages orders at a steady
 --rate (each at its own deadline, so a late one does not delay the rest),
 each carrying its send time; the consumer takes the time each arrives.
+With shared-N the producer publishes through the first broker and the
+consumer subscribes through the last (another one if N > 1).
   p50 ... max          publish to delivery, in ms (CLOCK_MONOTONIC is one
                        clock for every process).
   confirm p50, p99     publish to the broker's ok: with sqlite-full, the
@@ -50,20 +69,27 @@ each carrying its send time; the consumer takes the time each arrives.
 Catch-up.  A producer publishes a backlog of --backlog orders with no
 consumer connected and waits for every confirmation; then a consumer
 subscribes and acknowledges them all.  Not for the relays, which keep
-nothing.
+nothing.  With shared-N the producer publishes through the first broker
+and the consumer drains through the last.
   publish msgs/s       confirmed publishes a second, with nobody reading.
   drain msgs/s         the backlog over the time from the subscribe to
                        the last acknowledgement handled.
+  drain CPU µs/msg     the broker's CPU time over the drain, per message
+                       (shared-N: its N brokers together); Redis µs/msg,
+                       the Redis server's.
   B/queued msg         the broker's resident memory (VmRSS) with the
                        backlog queued, less before, over the backlog.  With
-                       SQLite it should not grow with the queue.
+                       SQLite it should not grow with the queue.  With
+                       shared-N, the N brokers' together (RSS before and
+                       queued too): the backlog waits in Redis.
 
 Connections.  Another process opens --connections idle connections, each
 subscribed as a client of its own (idle-1, idle-2, ...), and waits for
 every ok.  B/connection: the broker's resident memory with them open, less
-before, per connection.  The file-descriptor limit is raised to its hard
-limit; if that is still too low, fewer connections are opened, and a note
-says so.
+before, per connection.  With shared-N they are all on the first broker,
+the others running beside it, and only its memory is counted.  The
+file-descriptor limit is raised to its hard limit; if that is still too
+low, fewer connections are opened, and a note says so.
 
 Scaling (--scaling).  The memory store's throughput at each of
 --scaling-sizes messages: wall and CPU time per message should stay flat
@@ -116,6 +142,9 @@ STORES = {
     "sqlite-normal": ("--store", "sqlite:{dir}/bench.sqlite3", "--sync", "normal"),
     "redis": ("--store", "{redis}"),
     "redis-durable": ("--store", "{redis}", "--redis-durable"),
+    "shared-1": ("--store", "{redis}", "--shared"),
+    "shared-2": ("--store", "{redis}", "--shared"),
+    "shared-3": ("--store", "{redis}", "--shared"),
 }
 # The Redis server each Redis store runs on (caps.redisserver: loopback,
 # an append-only file): Redis's usual fsync every second, or before every
@@ -123,7 +152,13 @@ STORES = {
 REDIS_SERVERS = {
     "redis": ("--appendfsync", "everysec"),
     "redis-durable": ("--appendfsync", "always"),
+    "shared-1": ("--appendfsync", "everysec"),
+    "shared-2": ("--appendfsync", "everysec"),
+    "shared-3": ("--appendfsync", "everysec"),
 }
+# The stores of several brokers on one Redis (--shared), and how many
+# brokers each runs; every other store runs one.
+BROKERS = {"shared-1": 1, "shared-2": 2, "shared-3": 3}
 SCALING_STORE = "memory"
 SECTIONS = ("throughput", "latency", "drain", "connections")
 DEFAULTS = {
@@ -157,8 +192,10 @@ def publish(address, messages, window, latencies=None):
 @contextlib.contextmanager
 def running(name, *extra):
     """
-    A broker (or relay) for store C{name}, stopped on the way out, with a
-    C{start(target, *args)} that starts a client process, stopped too.
+    The brokers (or the relay) of store C{name}, a list (several for the
+    shared stores, on one Redis), stopped on the way out, with a
+    C{start(target, *args, via=0)} that starts a client process of broker
+    C{via}, stopped too (first).
     """
     with contextlib.ExitStack() as stack:
         workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="caps-bench-"))
@@ -169,22 +206,46 @@ def running(name, *extra):
             stack.callback(server.stop)
             places["redis"] = server.url
         args = [a.format(**places) for a in STORES[name]] + list(extra)
-        broker = broker_process(
-            args, relay=name in RELAYS, store_pid=server and server.pid
-        )
+        brokers = []
+        for _ in range(BROKERS.get(name, 1)):
+            brokers.append(
+                broker_process(
+                    args, relay=name in RELAYS, store_pid=server and server.pid
+                )
+            )
+            stack.callback(brokers[-1].stop)
         clients = []
 
-        def start(target, *args):
-            client = load.Client(target, broker.address, *args, alive=broker.check)
+        def alive(grace=0.0):
+            for broker in brokers:
+                broker.check(grace)
+
+        def start(target, *args, via=0):
+            label = target.__name__
+            if len(brokers) > 1:
+                label += f" of broker {via}"
+            client = load.Client(
+                target, brokers[via].address, *args, name=label, alive=alive
+            )
             clients.append(client)
             return client
 
         try:
-            yield broker, start
+            yield brokers, start
         finally:
             for client in clients:
                 client.stop()
-            broker.stop()
+
+
+def queues(name):
+    """
+    The queues of store C{name}'s throughput run, one per producer and
+    consumer pair: C{bench-0}, C{bench-1}, ... for the shared stores, one
+    for each broker, and C{bench} for the others.
+    """
+    if name in BROKERS:
+        return tuple(b"bench-%d" % i for i in range(BROKERS[name]))
+    return (load.QUEUE,)
 
 
 def steps(settings):
@@ -207,14 +268,14 @@ def run_store(name, s, progress, samples):
     One run of every part for store C{name}: its rows, by section.
     """
     rows = {}
-    with running(name) as (broker, start):
+    with running(name) as (brokers, start):
         progress.step(f"{name}: throughput")
         rows["throughput"] = measure_throughput(
-            broker, start, s["messages"], s["window"]
+            brokers, start, s["messages"], s["window"], queues(name)
         )
         progress.step(f"{name}: latency")
         rows["latency"], found = measure_latency(
-            broker, start, s["latency_messages"], s["rate"]
+            brokers, start, s["latency_messages"], s["rate"]
         )
         samples.extend(found)
     if name in RELAYS:
@@ -223,11 +284,11 @@ def run_store(name, s, progress, samples):
         progress.step(f"{name}: catch-up")
         # Room for the whole backlog in one queue.
         extra = ("--max-queue", str(s["backlog"])) if s["backlog"] > 1_000_000 else ()
-        with running(name, *extra) as (broker, start):
-            rows["drain"] = measure_drain(broker, start, s["backlog"], s["window"])
+        with running(name, *extra) as (brokers, start):
+            rows["drain"] = measure_drain(brokers, start, s["backlog"], s["window"])
     progress.step(f"{name}: connections")
-    with running(name) as (broker, start):
-        rows["connections"] = measure_connections(broker, start, s["connections"])
+    with running(name) as (brokers, start):
+        rows["connections"] = measure_connections(brokers, start, s["connections"])
     return {section: {"store": name, **row} for section, row in rows.items()}
 
 
@@ -239,9 +300,9 @@ def run_scaling(s, progress):
     rows = []
     for size in s["scaling_sizes"]:
         progress.step(f"{SCALING_STORE}: scaling {size:,}")
-        with running(SCALING_STORE) as (broker, start):
-            row = measure_throughput(broker, start, size, s["window"])
-            row["peak_rss_mb"] = peak_rss_bytes(broker.pid) / MB
+        with running(SCALING_STORE) as (brokers, start):
+            row = measure_throughput(brokers, start, size, s["window"])
+            row["peak_rss_mb"] = peak_rss_bytes(brokers[0].pid) / MB
         row["wall_us_per_msg"] = 1e6 / row["msgs_per_s"]
         rows.append({"store": SCALING_STORE, **row})
     return rows
@@ -301,7 +362,7 @@ class Options(usage.Options):
         self["stores"] = []
 
     def opt_store(self, names):
-        """Stores to run, comma-separated or repeated: relay, relay-fast, memory, memory-no-event-log, sqlite-full, sqlite-normal, redis, redis-durable (default: all; the relays always run; the Redis stores need redis-server and redis-py)."""
+        """Stores to run, comma-separated or repeated: relay, relay-fast, memory, memory-no-event-log, sqlite-full, sqlite-normal, redis, redis-durable, shared-1, shared-2, shared-3 (default: all; the relays always run; the Redis stores, shared-N too, need redis-server and redis-py)."""
         for name in names.split(","):
             if name not in STORES:
                 raise usage.UsageError(f"--store must be among {', '.join(STORES)}")

@@ -41,27 +41,45 @@ PAYLOAD = {
     "items": 3,
 }
 _BODY = json.dumps(PAYLOAD, separators=(",", ":")).encode()[:-1]
-PUBLISH = (
-    b'{"event":"'
-    + EVENT
-    + b'","to":"'
-    + QUEUE
-    + b'","id":%d,"payload":'
-    + _BODY.replace(b"%", b"%%")
-    + b',"sent":%d}}\n'
-)
+
+
+def publish_frame(queue=QUEUE):
+    """
+    The publish template for C{queue}: C{frame % (id, sent)} is an order
+    addressed to it, one line.
+    """
+    return (
+        b'{"event":"'
+        + EVENT
+        + b'","to":"'
+        + queue.replace(b"%", b"%%")
+        + b'","id":%d,"payload":'
+        + _BODY.replace(b"%", b"%%")
+        + b',"sent":%d}}\n'
+    )
+
+
+def ack_head(queue=QUEUE):
+    """
+    The start of an acknowledgement of a message of C{queue}, up to its
+    messageId (then L{ACK_TAIL}).
+    """
+    return (
+        b'{"event":"received","payload":{"clientId":"'
+        + queue
+        + b'","event":"'
+        + EVENT
+        + b'","messageId":"'
+    )
+
+
+PUBLISH = publish_frame()
 SUBSCRIBE = (
     b'{"event":"subscribe","id":0,"payload":{"clientId":"%s","event":"'
     + EVENT
     + b'"}}\n'
 )
-ACK_HEAD = (
-    b'{"event":"received","payload":{"clientId":"'
-    + QUEUE
-    + b'","event":"'
-    + EVENT
-    + b'","messageId":"'
-)
+ACK_HEAD = ack_head()
 ACK_TAIL = b'"}}\n'
 PING = b'{"event":"ping","id":"end"}\n'
 MESSAGE_ID = re.compile(rb'"messageId":\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
@@ -122,12 +140,12 @@ def check(data, last=b""):
         raise RuntimeError(f"the broker refused a frame: {line}")
 
 
-def publish(sock, count, window, latencies=None):
+def publish(sock, count, window, latencies=None, frame=PUBLISH):
     """
     Publish C{count} orders with at most C{window} unconfirmed, as fast as
     confirmations come back; return when all are confirmed.  If
     C{latencies} is a list, append each publish-to-confirmation time to it
-    (seconds).
+    (seconds).  C{frame} is the template (L{publish_frame}) of the queue.
     """
     sent = confirmed = 0
     sent_at = [0] * count if latencies is not None else None
@@ -136,7 +154,7 @@ def publish(sock, count, window, latencies=None):
         room = min(window - (sent - confirmed), count - sent)
         if room > 0:
             now = time.monotonic_ns()
-            send(sock, b"".join([PUBLISH % (n, now) for n in range(sent, sent + room)]))
+            send(sock, b"".join([frame % (n, now) for n in range(sent, sent + room)]))
             if sent_at is not None:
                 sent_at[sent : sent + room] = [now] * room
             sent += room
@@ -153,13 +171,14 @@ def publish(sock, count, window, latencies=None):
             last = data
 
 
-def publish_paced(sock, count, rate):
+def publish_paced(sock, count, rate, frame=PUBLISH):
     """
-    Publish C{count} orders at C{rate} a second, each at its own deadline
-    (start + n / rate, so a late send does not push the later ones back),
-    and return the time to each confirmation (nanoseconds, in the order
-    they came) and the time of the last send.  A thread reads the
-    confirmations, so that each is timed when it comes.
+    Publish C{count} orders (C{frame}, as for L{publish}) at C{rate} a
+    second, each at its own deadline (start + n / rate, so a late send
+    does not push the later ones back), and return the time to each
+    confirmation (nanoseconds, in the order they came) and the time of
+    the last send.  A thread reads the confirmations, so that each is
+    timed when it comes.
     """
     sent_at = [0] * count
     confirm_ns = []
@@ -191,7 +210,7 @@ def publish_paced(sock, count, rate):
         if failed:
             break
         sent_at[n] = now = time.monotonic_ns()
-        send(sock, PUBLISH % (n, now))
+        send(sock, frame % (n, now))
     reader.join(TIMEOUT + 10)
     if failed:
         raise failed[0]
@@ -200,9 +219,10 @@ def publish_paced(sock, count, rate):
     return confirm_ns, sent_at[-1]
 
 
-def consume(sock, count, latencies=None, subscribed=None):
+def consume(sock, count, latencies=None, subscribed=None, head=ACK_HEAD):
     """
-    Acknowledge C{count} deliveries, all those of each read in one write;
+    Acknowledge C{count} deliveries, all those of each read in one write
+    (each C{head}, from L{ack_head} for the queue, then its messageId);
     append the publish-to-delivery latency of each (nanoseconds) to
     C{latencies} if given, and call C{subscribed} once the subscription
     is confirmed.  A ping round trip at the end makes sure the broker has
@@ -221,7 +241,7 @@ def consume(sock, count, latencies=None, subscribed=None):
             continue
         ids = MESSAGE_ID.findall(buffer, 0, cut)
         if ids:
-            send(sock, ACK_HEAD + (ACK_TAIL + ACK_HEAD).join(ids) + ACK_TAIL)
+            send(sock, head + (ACK_TAIL + head).join(ids) + ACK_TAIL)
             received += len(ids)
         if latencies is not None:
             latencies.extend(now - int(sent) for sent in SENT.findall(buffer, 0, cut))
@@ -238,37 +258,43 @@ def consume(sock, count, latencies=None, subscribed=None):
 # What runs in each client process.
 
 
-def producer(pipe, address, count, window):
+def producer(pipe, address, count, window, queue=QUEUE):
     """
-    Publish C{count} orders when told to go, at most C{window} unconfirmed.
+    Publish C{count} orders to C{queue} when told to go, at most C{window}
+    unconfirmed.
     """
+    frame = publish_frame(queue)
     with connect(address) as sock:
         pipe.send(("ready", None))
         _wait_go(pipe)
         start = time.monotonic_ns()
-        publish(sock, count, window)
+        publish(sock, count, window, frame=frame)
         pipe.send(("done", {"start": start, "end": time.monotonic_ns()}))
 
 
-def paced_producer(pipe, address, count, rate):
+def paced_producer(pipe, address, count, rate, queue=QUEUE):
     """
-    Publish C{count} orders at a steady C{rate} a second when told to go.
+    Publish C{count} orders to C{queue} at a steady C{rate} a second when
+    told to go.
     """
+    frame = publish_frame(queue)
     with connect(address) as sock:
         pipe.send(("ready", None))
         _wait_go(pipe)
         start = time.monotonic_ns()
-        confirm_ns, last_sent = publish_paced(sock, count, rate)
+        confirm_ns, last_sent = publish_paced(sock, count, rate, frame)
         result = {"start": start, "last_sent": last_sent, "confirm_ns": confirm_ns}
         pipe.send(("done", result))
 
 
-def consumer(pipe, address, count, latencies=False, wait_go=False):
+def consumer(pipe, address, count, latencies=False, wait_go=False, queue=QUEUE):
     """
-    Subscribe (at once, or when told to go if C{wait_go}), acknowledge
-    C{count} deliveries, and report when it subscribed and when the last
-    acknowledgement was handled, with the latencies if asked for.
+    Subscribe to C{queue} (at once, or when told to go if C{wait_go}),
+    acknowledge C{count} deliveries, and report when it subscribed and
+    when the last acknowledgement was handled, with the latencies if
+    asked for.
     """
+    head = ack_head(queue)
     with connect(address) as sock:
         if wait_go:
             pipe.send(("ready", None))
@@ -280,9 +306,9 @@ def consumer(pipe, address, count, latencies=False, wait_go=False):
                 pipe.send(("ready", None))
 
         start = time.monotonic_ns()
-        send(sock, SUBSCRIBE % QUEUE)
+        send(sock, SUBSCRIBE % queue)
         found = [] if latencies else None
-        end = consume(sock, count, found, subscribed)
+        end = consume(sock, count, found, subscribed, head)
         pipe.send(("done", {"start": start, "end": end, "latency_ns": found}))
 
 
