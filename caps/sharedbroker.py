@@ -311,11 +311,7 @@ class SharedBroker(Broker):
         message_id = answer[1].decode("utf-8")
         message = Message(message_id, event, body, int(answer[2]), now, expires)
         # Addressees this broker does not serve are named, not kept.
-        queues = [
-            self._queues.get((client_id, event))
-            or Queue(client_id, event, qid(client_id, event))
-            for client_id in to
-        ]
+        queues = [self._named(client_id, event) for client_id in to]
         queues = list(dict.fromkeys(queues + matched))
         if self.log_events:
             self._events.add(message)
@@ -576,9 +572,18 @@ class SharedBroker(Broker):
         The queue (clientId, event) as this broker knows it; one it does
         not serve is named for the occasion (Redis may hold it).
         """
-        return self._queues.get((client_id, event)) or Queue(
-            client_id, event, qid(client_id, event)
-        )
+        return self._named(client_id, event)
+
+    def _named(self, client_id, event):
+        """
+        This broker's queue (clientId, event), or one made for the
+        occasion and not kept.  (A queue with no message is false: not
+        C{or}.)
+        """
+        queue = self._queues.get((client_id, event))
+        if queue is None:
+            return Queue(client_id, event, qid(client_id, event))
+        return queue
 
     def peek(self, client_id, event, after=0, limit=100):
         """
@@ -635,15 +640,14 @@ class SharedBroker(Broker):
                 break
         d = self.store.call(
             "ack",
+            self.store.broker_id,
             qid(client_id, event),
             "" if dead else dead_qid(client_id, event),
             message_id,
-            self.store.broker_id,
             retry=True,
         )
 
-        def acknowledged(answer):
-            count = int(answer[0])
+        def acknowledged(count):
             if count:
                 self.monitor.totals.acknowledged += 1
             return {

@@ -74,6 +74,9 @@ class SharedStore(WriterThread):
             name: client.script_load(source) for name, source in layout.SCRIPTS.items()
         }
         self._call = None
+        # For each script call of the round trip under way, the indexes of
+        # the ops in it (see _merge)
+        self._merged = []
         self._closed = False
         self._listen = listen
         self._events = None
@@ -199,11 +202,12 @@ class SharedStore(WriterThread):
         self._ops, self._waiters = [], []
         ops = self._writing[0]
         notify = {qid for op in ops for qid in op[4]}
+        calls, self._merged = _merge(ops)
         d = self._run(
             _round_trip,
             self._client,
             self._shas,
-            [(name, args) for name, args, _, _, _ in ops],
+            calls,
             notify,
             self.durable,
             self.replicas,
@@ -237,6 +241,7 @@ class SharedStore(WriterThread):
             self.log.info("shared store {store} is reachable again", store=self.name)
             self.available = True
         seconds, answers = result
+        answers = _split(answers, self._merged, len(ops))
         for op, answer in zip(ops, answers, strict=True):
             if isinstance(answer, Exception):
                 op[2].errback(answer)
@@ -311,6 +316,55 @@ class SharedStore(WriterThread):
         if self._pool is not None:
             self._pool.stop()
         self._client.close()
+
+
+# Calls of these scripts in one round trip go as one call: script name ->
+# how many leading arguments they share (the rest, one item's, are
+# appended), and how many of those must be equal to merge (a give-back's
+# time may differ by a little: the first one's is used).
+_MERGED = {"ack": (1, 1), "give": (3, 1)}
+
+
+def _merge(ops):
+    """
+    The script calls for C{ops}, those of L{_MERGED} merged into the first
+    call of their kind; and, for each call, its script's name and the
+    indexes of the ops in it.
+    """
+    calls = []
+    members = []
+    first = {}
+    for i, (name, args, _, _, _) in enumerate(ops):
+        shared = _MERGED.get(name)
+        if shared is not None:
+            head, key = shared
+            at = first.get((name, *args[:key]))
+            if at is not None:
+                calls[at][1].extend(args[head:])
+                members[at][1].append(i)
+                continue
+            first[name, *args[:key]] = len(calls)
+            args = list(args)
+        calls.append((name, args))
+        members.append((name, [i]))
+    return calls, members
+
+
+def _split(answers, members, count):
+    """
+    Each op's answer from its call's: an acknowledgement gets its own
+    count (an ACK call answers one for each message); every other op gets
+    its call's answer.
+    """
+    split = [None] * count
+    for answer, (name, indexes) in zip(answers, members, strict=True):
+        if name == "ack" and not isinstance(answer, Exception):
+            for i, each in zip(indexes, answer, strict=True):
+                split[i] = each
+        else:
+            for i in indexes:
+                split[i] = answer
+    return split
 
 
 def _round_trip(client, shas, ops, notify, durable, replicas):

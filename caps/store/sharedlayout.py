@@ -32,6 +32,7 @@ changed), C{gone <broker> <qid> <messageId>} (a message that broker holds
 was acknowledged through another).
 """
 
+import functools
 import hashlib
 
 from caps.frames import DEAD_SUFFIX
@@ -49,6 +50,7 @@ CHANNEL = PREFIX + "events"
 ALIVE_MS = 5000
 
 
+@functools.lru_cache(maxsize=65536)
 def qid(client_id, event):
     """
     The id of the queue (clientId, event), the same on every broker.
@@ -268,9 +270,13 @@ local function check(qid, client, ev, length)
   targets[#targets + 1] = qid
   return nil
 end
+local missing = {}
 for i = 11, 10 + n do
   local qid = qid_of(ARGV[i], event)
   local m = meta_of(qid)
+  if not m then
+    missing[#missing + 1] = {qid, ARGV[i]}
+  end
   local length = false
   if m and m[5] ~= cjson.null then
     length = m[5]
@@ -293,8 +299,9 @@ for i = 11 + n, #ARGV do
     end
   end
 end
-for i = 11, 10 + n do
-  ensure(ARGV[i], event)
+for _, queue in ipairs(missing) do
+  redis.call('HSETNX', P .. 'queues', queue[1],
+    '[' .. cjson.encode(queue[2]) .. ',' .. cjson.encode(event) .. ',false,null,null]')
 end
 local seq = redis.call('INCR', P .. 'seq')
 local plain
@@ -311,7 +318,9 @@ for _, qid in ipairs(targets) do
   local ready, rows, owned, deliveries, ids = qkeys(qid)
   redis.call('HSET', rows, seq, row)
   redis.call('ZADD', ready, seq, seq)
-  add_id(ids, plain, seq)
+  if redis.call('HSETNX', ids, plain, seq) == 0 then
+    add_id(ids, plain, seq)
+  end
   if expiring then
     redis.call('SADD', P .. 'expiring', qid)
   end
@@ -356,11 +365,14 @@ while got < want do
   if #seqs == 0 then
     break
   end
-  for _, seq in ipairs(seqs) do
-    redis.call('ZREM', ready, seq)
-    local row = redis.call('HGET', rows, seq)
+  redis.call('ZREM', ready, unpack(seqs))
+  local found = redis.call('HMGET', rows, unpack(seqs))
+  local counts = redis.call('HMGET', deliveries, unpack(seqs))
+  local holders, sends = {}, {}
+  for i, seq in ipairs(seqs) do
+    local row = found[i]
     if row then
-      local sent = tonumber(redis.call('HGET', deliveries, seq) or '0')
+      local sent = tonumber(counts[i] or '0')
       local reason = nil
       if not dead then
         local e = expiry(row)
@@ -374,14 +386,20 @@ while got < want do
         m = m or meta_of(qid)
         to_dead(qid, m[1], m[2], seq, reason, now)
       else
-        redis.call('HSET', owned, seq, broker)
-        redis.call('HSET', deliveries, seq, sent + 1)
+        holders[#holders + 1] = seq
+        holders[#holders + 1] = broker
+        sends[#sends + 1] = seq
+        sends[#sends + 1] = sent + 1
         out[#out + 1] = seq
         out[#out + 1] = row
         out[#out + 1] = sent + 1
         got = got + 1
       end
     end
+  end
+  if #holders > 0 then
+    redis.call('HSET', owned, unpack(holders))
+    redis.call('HSET', deliveries, unpack(sends))
   end
 end
 if got > 0 then
@@ -430,35 +448,50 @@ return notified({})
 """
 )
 
-# ARGV: qid, the qid of its dead letters ('' for none), messageId, broker.
-# Deletes every copy of the message from the queue or, if it has none
-# there, from the dead letters, and tells each other broker that held a
-# copy in flight (C{gone}).  Returns {count}.
+# ARGV: broker, then (qid, the qid of its dead letters or '', messageId)
+# for each message acknowledged.  Deletes every copy of each message from
+# its queue or, if it has none there, from the dead letters, and tells
+# each other broker that held a copy in flight (C{gone}).  Returns how
+# many copies each acknowledgement deleted.
 ACK = (
     _PRELUDE
     + r"""
+local broker = ARGV[1]
 local function remove(qid, id)
   local ready, rows, owned, deliveries, ids = qkeys(qid)
   local held = redis.call('HGET', ids, id)
-  local out = {0}
   if not held then
-    return out
+    return 0
   end
+  redis.call('HDEL', ids, id)
+  local removed = 0
   for seq in string.gmatch(held, '%S+') do
     local owner = redis.call('HGET', owned, seq)
-    if owner and owner ~= ARGV[4] then
-      redis.call('PUBLISH', P .. 'events', 'gone ' .. owner .. ' ' .. qid .. ' ' .. id)
+    if owner then
+      if owner ~= broker then
+        redis.call('PUBLISH', P .. 'events', 'gone ' .. owner .. ' ' .. qid .. ' ' .. id)
+      end
+      redis.call('HDEL', owned, seq)
+    else
+      redis.call('ZREM', ready, seq)
     end
-    if take(qid, seq) then
-      out[1] = out[1] + 1
-      unlive(id, 1)
+    if redis.call('HDEL', rows, seq) == 1 then
+      removed = removed + 1
     end
+    redis.call('HDEL', deliveries, seq)
   end
-  return out
+  if removed > 0 then
+    unlive(id, removed)
+  end
+  return removed
 end
-local out = remove(ARGV[1], ARGV[3])
-if out[1] == 0 and ARGV[2] ~= '' then
-  out = remove(ARGV[2], ARGV[3])
+local out = {}
+for i = 2, #ARGV, 3 do
+  local removed = remove(ARGV[i], ARGV[i + 2])
+  if removed == 0 and ARGV[i + 1] ~= '' then
+    removed = remove(ARGV[i + 1], ARGV[i + 2])
+  end
+  out[#out + 1] = removed
 end
 return out
 """
