@@ -228,20 +228,21 @@ class SharedBroker(Broker):
     def publish(
         self, event, payload, body, to=(), message_id=None, ttl=None, sender=None
     ):
+        """
+        As L{Broker.publish}, decided by Redis: a L{Deferred} of the answer.
+        """
         self._check_writable()
-        done = defer.Deferred()
-        self._publish(
-            done, ROUTE_TRIES, event, payload, body, to, message_id, ttl, sender
+        return self._publish(
+            ROUTE_TRIES, event, payload, body, to, message_id, ttl, sender
         )
-        return done
 
-    def _publish(self, done, tries, event, payload, body, to, message_id, ttl, sender):
+    def _publish(self, tries, event, payload, body, to, message_id, ttl, sender):
         now = self.clock.seconds()
         if ttl is None:
             ttl = self.default_ttl
         expires = now + ttl if ttl is not None else None
         matched = self._index.match(event, payload)
-        addressed = [qid(client_id, event) for client_id in to]
+        matched_qids = [queue.qid for queue in matched]
         rest = b"".join(
             [
                 b",",
@@ -257,55 +258,57 @@ class SharedBroker(Broker):
             "publish",
             self._version,
             now,
+            self._id_prefix,
+            self.max_queue,
             b"" if message_id is None else encode_json(message_id),
             now + self.dedupe_window,
             event,
             rest,
             body,
-            self._id_prefix,
-            self.max_queue,
             len(to),
             *to,
-            *[queue.qid for queue in matched],
-            notify=addressed + [queue.qid for queue in matched],
+            len(matched_qids),
+            *matched_qids,
+            notify=[qid(client_id, event) for client_id in to] + matched_qids,
+        )
+        return d.addCallback(
+            self._answered,
+            (tries, event, payload, body, to, message_id, ttl, sender),
+            now,
+            expires,
+            matched,
         )
 
-        def answered(answer):
-            kind = answer[0]
-            if kind == b"ok":
-                return self._published(
-                    answer, event, body, now, expires, to, matched, sender
-                )
-            if kind == b"duplicate":
-                return {
-                    "messageId": answer[1].decode("utf-8"),
-                    "queues": 0,
-                    "duplicate": True,
-                }
-            if kind == b"full":
-                client_id, target, count, limit = answer[1:]
-                raise QueueFull(
-                    f"queue ({client_id.decode('utf-8')}, {target.decode('utf-8')})"
-                    f" is full: {count} messages, the limit is {limit}"
-                )
-            # stale: a subscription changed since this broker read them.
-            if tries <= 1:
-                raise StoreUnavailable(UNAVAILABLE)
-            again = self._fresh_subscriptions()
-            again.addCallback(
-                lambda _: self._publish(
-                    done, tries - 1, event, payload, body, to, message_id, ttl, sender
-                )
+    def _answered(self, answer, publish, now, expires, matched):
+        """
+        The client's answer to a publish, from the script's; a publish
+        routed with subscriptions that changed since is routed again.
+        """
+        kind = answer[0]
+        if kind == b"ok":
+            _, event, _, body, to, _, _, sender = publish
+            return self._published(
+                answer, event, body, now, expires, to, matched, sender
             )
-            return again
-
-        def settle(result):
-            if result is None or isinstance(result, defer.Deferred):
-                return
-            done.callback(result)
-
-        d.addCallback(answered)
-        d.addCallbacks(settle, done.errback)
+        if kind == b"duplicate":
+            return {
+                "messageId": answer[1].decode("utf-8"),
+                "queues": 0,
+                "duplicate": True,
+            }
+        if kind == b"full":
+            client_id, target, count, limit = answer[1:]
+            raise QueueFull(
+                f"queue ({client_id.decode('utf-8')}, {target.decode('utf-8')})"
+                f" is full: {count} messages, the limit is {limit}"
+            )
+        # stale: a subscription changed since this broker read them.
+        tries = publish[0]
+        if tries <= 1:
+            raise StoreUnavailable(UNAVAILABLE)
+        return self._fresh_subscriptions().addCallback(
+            lambda _: self._publish(tries - 1, *publish[1:])
+        )
 
     def _published(self, answer, event, body, now, expires, to, matched, sender):
         message_id = answer[1].decode("utf-8")

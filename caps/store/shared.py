@@ -322,7 +322,9 @@ class SharedStore(WriterThread):
 # how many leading arguments they share (the rest, one item's, are
 # appended), and how many of those must be equal to merge (a give-back's
 # time may differ by a little: the first one's is used).
-_MERGED = {"ack": (1, 1), "give": (3, 1)}
+_MERGED = {"ack": (1, 1), "give": (3, 1), "publish": (4, 1)}
+# Merged calls that answer one item for each op in them.
+_ITEMIZED = {"ack", "publish"}
 
 
 def _merge(ops):
@@ -352,13 +354,13 @@ def _merge(ops):
 
 def _split(answers, members, count):
     """
-    Each op's answer from its call's: an acknowledgement gets its own
-    count (an ACK call answers one for each message); every other op gets
-    its call's answer.
+    Each op's answer from its call's: an acknowledgement or a publish gets
+    its own (their scripts answer one for each message); every other op
+    gets its call's answer.
     """
     split = [None] * count
     for answer, (name, indexes) in zip(answers, members, strict=True):
-        if name == "ack" and not isinstance(answer, Exception):
+        if name in _ITEMIZED and not isinstance(answer, Exception):
             for i, each in zip(indexes, answer, strict=True):
                 split[i] = each
         else:

@@ -227,110 +227,118 @@ end
 """
 )
 
-# ARGV: the subscriptions version the broker routed with, now, the
-# messageId (JSON) or '', when a client-given id may be forgotten, the
-# event, the rest of the row's header after the messageId, the payload,
-# the broker's messageId prefix, the broker's queue limit, how many
-# clientIds it is addressed to, those clientIds, then the qids of the
-# subscribed queues it matched.  Returns {'stale'}, {'duplicate', id}, {'full', clientId, event,
-# count, limit} or {'ok', id, seq, queues, qid...}.
+# ARGV: the subscriptions version the brokers routed with, now, the
+# broker's messageId prefix, its queue limit; then, for each message: its
+# messageId (JSON) or '', when a client-given id may be forgotten, its
+# event, the rest of its row's header after the messageId, its payload,
+# how many clientIds it is addressed to, those clientIds, how many
+# subscribed queues it matched, their qids.  Returns one answer for each
+# message, in order: {'stale'}, {'duplicate', id}, {'full', clientId,
+# event, count, limit} or {'ok', id, seq, queues}.  Each message is stored
+# whole or not at all; one refused does not stop the next.
 PUBLISH = (
     _PRELUDE
     + r"""
-if (redis.call('GET', P .. 'subs') or '0') ~= ARGV[1] then
-  return {'stale'}
-end
+local stale = (redis.call('GET', P .. 'subs') or '0') ~= ARGV[1]
 local now = tonumber(ARGV[2])
-local id = ARGV[3]
-if id ~= '' then
-  redis.call('ZREMRANGEBYSCORE', P .. 'dedupe', '-inf', now)
-  local plain = cjson.decode(id)
-  if redis.call('ZSCORE', P .. 'dedupe', plain)
-      or redis.call('HEXISTS', P .. 'live', plain) == 1 then
-    return {'duplicate', plain}
+local prefix = ARGV[3]
+local maxq = tonumber(ARGV[4])
+local forgotten = false
+
+local function publish(i)
+  local id, event, rest, body = ARGV[i], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local n = tonumber(ARGV[i + 5])
+  local first_to, last_to = i + 6, i + 5 + n
+  local m_count = tonumber(ARGV[last_to + 1])
+  local first_m, last_m = last_to + 2, last_to + 1 + m_count
+  local after = last_m + 1
+  if stale then
+    return {'stale'}, after
   end
-end
-local event = ARGV[5]
-local maxq = tonumber(ARGV[9])
-local n = tonumber(ARGV[10])
-local targets, seen = {}, {}
-local function check(qid, client, ev, length)
-  if seen[qid] then
+  if id ~= '' then
+    if not forgotten then
+      redis.call('ZREMRANGEBYSCORE', P .. 'dedupe', '-inf', now)
+      forgotten = true
+    end
+    local plain = cjson.decode(id)
+    if redis.call('ZSCORE', P .. 'dedupe', plain)
+        or redis.call('HEXISTS', P .. 'live', plain) == 1 then
+      return {'duplicate', plain}, after
+    end
+  end
+  local targets, seen, missing = {}, {}, {}
+  local function check(qid, client, ev, m)
+    if seen[qid] then
+      return nil
+    end
+    seen[qid] = true
+    local limit = maxq
+    if m and m[5] ~= cjson.null and m[5] < limit then
+      limit = m[5]
+    end
+    local count = redis.call('HLEN', P .. '{q' .. qid .. '}:rows')
+    if count >= limit then
+      return {'full', client, ev, count, limit}
+    end
+    targets[#targets + 1] = qid
     return nil
   end
-  seen[qid] = true
-  local limit = maxq
-  if length and length < limit then
-    limit = length
-  end
-  local count = redis.call('HLEN', P .. '{q' .. qid .. '}:rows')
-  if count >= limit then
-    return {'full', client, ev, count, limit}
-  end
-  targets[#targets + 1] = qid
-  return nil
-end
-local missing = {}
-for i = 11, 10 + n do
-  local qid = qid_of(ARGV[i], event)
-  local m = meta_of(qid)
-  if not m then
-    missing[#missing + 1] = {qid, ARGV[i]}
-  end
-  local length = false
-  if m and m[5] ~= cjson.null then
-    length = m[5]
-  end
-  local full = check(qid, ARGV[i], event, length)
-  if full then
-    return full
-  end
-end
-for i = 11 + n, #ARGV do
-  local m = meta_of(ARGV[i])
-  if m then
-    local length = false
-    if m[5] ~= cjson.null then
-      length = m[5]
+  for k = first_to, last_to do
+    local qid = qid_of(ARGV[k], event)
+    local m = meta_of(qid)
+    if not m then
+      missing[#missing + 1] = {qid, ARGV[k]}
     end
-    local full = check(ARGV[i], m[1], m[2], length)
+    local full = check(qid, ARGV[k], event, m)
     if full then
-      return full
+      return full, after
     end
   end
-end
-for _, queue in ipairs(missing) do
-  redis.call('HSETNX', P .. 'queues', queue[1],
-    '[' .. cjson.encode(queue[2]) .. ',' .. cjson.encode(event) .. ',false,null,null]')
-end
-local seq = redis.call('INCR', P .. 'seq')
-local plain
-if id == '' then
-  plain = ARGV[8] .. seq
-  id = '"' .. plain .. '"'
-else
-  plain = cjson.decode(id)
-  redis.call('ZADD', P .. 'dedupe', ARGV[4], plain)
-end
-local row = '[' .. id .. ARGV[6] .. '\n' .. ARGV[7]
-local expiring = string.sub(ARGV[6], -16) ~= ',null,null,null]'
-for _, qid in ipairs(targets) do
-  local ready, rows, owned, deliveries, ids = qkeys(qid)
-  redis.call('HSET', rows, seq, row)
-  redis.call('ZADD', ready, seq, seq)
-  if redis.call('HSETNX', ids, plain, seq) == 0 then
-    add_id(ids, plain, seq)
+  for k = first_m, last_m do
+    local m = meta_of(ARGV[k])
+    if m then
+      local full = check(ARGV[k], m[1], m[2], m)
+      if full then
+        return full, after
+      end
+    end
   end
-  if expiring then
-    redis.call('SADD', P .. 'expiring', qid)
+  for _, queue in ipairs(missing) do
+    redis.call('HSETNX', P .. 'queues', queue[1],
+      '[' .. cjson.encode(queue[2]) .. ',' .. cjson.encode(event) .. ',false,null,null]')
   end
+  local seq = redis.call('INCR', P .. 'seq')
+  local plain
+  if id == '' then
+    plain = prefix .. seq
+    id = '"' .. plain .. '"'
+  else
+    plain = cjson.decode(id)
+    redis.call('ZADD', P .. 'dedupe', ARGV[i + 1], plain)
+  end
+  local row = '[' .. id .. rest .. '\n' .. body
+  local expiring = string.sub(rest, -16) ~= ',null,null,null]'
+  for _, qid in ipairs(targets) do
+    local ready, rows, owned, deliveries, ids = qkeys(qid)
+    redis.call('HSET', rows, seq, row)
+    redis.call('ZADD', ready, seq, seq)
+    if redis.call('HSETNX', ids, plain, seq) == 0 then
+      add_id(ids, plain, seq)
+    end
+    if expiring then
+      redis.call('SADD', P .. 'expiring', qid)
+    end
+  end
+  if #targets > 0 then
+    redis.call('HINCRBY', P .. 'live', plain, #targets)
+  end
+  return {'ok', plain, seq, #targets}, after
 end
-if #targets > 0 then
-  redis.call('HINCRBY', P .. 'live', plain, #targets)
-end
-local out = {'ok', plain, seq, #targets}
-for _, qid in ipairs(targets) do
-  out[#out + 1] = qid
+
+local out = {}
+local i = 5
+while i <= #ARGV do
+  out[#out + 1], i = publish(i)
 end
 return out
 """
