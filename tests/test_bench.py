@@ -107,43 +107,6 @@ class BenchSmokeTests(SynchronousTestCase):
             self.assertIn(title, text)
         self.assertIn("broker CPU µs/msg", text)
 
-    def test_shared_run(self):
-        """A tiny shared-2 run measures every section on two brokers sharing one Redis, beside the relays."""
-        if not redisserver.AVAILABLE:
-            raise self.skipTest(redisserver.skip_reason)
-        text, report, _ = run_bench(
-            self,
-            *("--store", "shared-2", "--messages", "301", "--latency-messages", "100"),
-            *("--backlog", "300", "--connections", "100"),
-        )
-        relays = [name for name in STORES if name in bench.RELAYS]
-        for section in bench.SECTIONS:
-            stores = [r["store"] for r in report[section]]
-            self.assertEqual(stores, [*relays, "shared-2"], section)
-        rows = {section: report[section][-1] for section in bench.SECTIONS}
-        self.assertEqual(rows["throughput"]["messages"], 301)
-        for section, keys in {
-            "throughput": (
-                "msgs_per_s",
-                "broker_cpu_us_per_msg",
-                "store_cpu_us_per_msg",
-                "cpu_vs_relay",
-                "throughput_vs_relay",
-            ),
-            "latency": ("p50_ms", "max_ms", "confirm_p50_ms", "achieved_rate"),
-            "drain": (
-                "publish_msgs_per_s",
-                "drain_msgs_per_s",
-                "drain_cpu_us_per_msg",
-                "drain_store_cpu_us_per_msg",
-                "rss_before_mb",
-            ),
-            "connections": ("bytes_per_connection",),
-        }.items():
-            for key in keys:
-                self.assertGreater(rows[section][key], 0, (section, key))
-        self.assertEqual(text.count("\nshared-2 "), len(bench.SECTIONS))
-
     def test_stall_smoke(self):
         """The stall run compares the writer thread with commits on the reactor."""
         _, rows, _ = run_bench(self, "--stall", "--messages", "2000")
