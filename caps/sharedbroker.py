@@ -83,6 +83,9 @@ class SharedBroker(Broker):
     _refreshed: list = attrs.Factory(list)
     # Queues -> subscription saves under way
     _saving: dict = attrs.Factory(dict)
+    # Queues -> claims out; queues whose lost claim is to be undone
+    _claims_out: dict = attrs.Factory(dict)
+    _lost: set = attrs.Factory(set)
 
     def __attrs_post_init__(self):
         self._id_prefix = self.store.broker_id + "-"
@@ -135,6 +138,34 @@ class SharedBroker(Broker):
             self._refresh()
             for queue in list(self._queues.values()):
                 self._woken(queue)
+
+    def lapsed(self):
+        """
+        This broker was given up for dead (its heartbeat lapsed: Redis was
+        out of reach, or too busy, for longer than it lasts) and another
+        gave back every message it held, which may be on their way to
+        other consumers now.  Forget them all: none is this broker's to
+        send, give back or time out any more (a consumer still holding one
+        may acknowledge it; that goes to Redis).
+        """
+        held = 0
+        for queue in list(self._queues.values()):
+            for entry in queue.entries():
+                if entry.removed:
+                    continue
+                queue.remove(entry.message.id)
+                entry.delayed = False
+                if entry.owner is not None:
+                    self._take_back(entry)
+                held += 1
+        self.log.warn(
+            "this broker was given up for dead by the others (no heartbeat "
+            "for {seconds} s); the {count} message(s) it held are theirs now",
+            seconds=self.store.alive / 1000,
+            count=held,
+        )
+        for queue in list(self._queues.values()):
+            self._woken(queue)
 
     def _woken(self, queue):
         self._drained.discard(queue)
@@ -200,16 +231,16 @@ class SharedBroker(Broker):
             self._refresh_again = False
             self._refresh()
 
-    def _changed(self, version):
+    def _changed(self, version, bumped):
         """
-        This broker changed a subscription, and Redis's version is now
-        C{version}: if that is the next after the one this broker read,
-        nobody else changed one meanwhile and its own view is current;
-        else read them all again.
+        This broker saved a subscription, and Redis's version is now
+        C{version}: if its save C{bumped} it to the next after the one this
+        broker read, nobody else changed one meanwhile and its own view is
+        current; else, if it differs, read them all again.
         """
         if version == self._version:
             return
-        if version == self._version + 1 and not self._refreshing:
+        if bumped and version == self._version + 1 and not self._refreshing:
             self._version = version
         else:
             self._refresh()
@@ -354,8 +385,8 @@ class SharedBroker(Broker):
         )
 
         def saved(result):
-            version, count = result
-            self._changed(version)
+            version, count, bumped = result
+            self._changed(version, bumped)
             return dict(answer, messages=count)
 
         def settled(result):
@@ -373,10 +404,12 @@ class SharedBroker(Broker):
         answer = super().unsubscribe(connection, client_id, event, delete)
         if not delete:
             return answer
-        d = self.store.call("delete", qid(client_id, event), retry=True)
+        # Not tried again after a failed round trip: a second run could
+        # delete what was published to the queue since.
+        d = self.store.call("delete", qid(client_id, event))
 
         def deleted(version):
-            self._changed(version)
+            self._changed(version, True)
             return answer
 
         return d.addCallback(deleted)
@@ -386,10 +419,11 @@ class SharedBroker(Broker):
         if queue.with_room:
             if queue not in self._drained:
                 self._claim(queue)
-        elif not queue.consumers:
-            # Claimed for consumers that went away: ready for the others.
+        else:
+            # Claimed for consumers that went away or cannot take them now
+            # (paused, full): ready for the others.
             while (entry := queue.pop_ready()) is not None:
-                self._give(entry)
+                self._give(entry, sent=False)
 
     def _claim(self, queue):
         if queue in self._claiming:
@@ -416,7 +450,8 @@ class SharedBroker(Broker):
         )
 
     def _claim_call(self, queue, want, until):
-        return self.store.call(
+        self._claims_out[queue] = self._claims_out.get(queue, 0) + 1
+        d = self.store.call(
             "claim",
             queue.qid,
             self.store.broker_id,
@@ -426,6 +461,23 @@ class SharedBroker(Broker):
             until,
             "1" if queue.holds_dead_letters else "0",
         )
+        return d
+
+    def _claim_done(self, queue):
+        """
+        A claim of C{queue} was answered, and what it took is in the
+        queue's entries (or it failed): once none is out, a lost one can be
+        undone without undoing another's (see L{_unclaim}).
+        """
+        left = self._claims_out.pop(queue) - 1
+        if left:
+            self._claims_out[queue] = left
+        elif queue in self._lost:
+            self._lost.discard(queue)
+            held = [entry.message.seq for entry in queue.entries()]
+            self.store.call(
+                "unclaim", self.store.broker_id, queue.qid, *held, retry=True
+            ).addErrback(self._failed, "giving back a lost claim")
 
     def _entries_of(self, answer, queue):
         """
@@ -448,12 +500,13 @@ class SharedBroker(Broker):
         again = queue in self._again
         self._again.discard(queue)
         entries, _ = self._entries_of(answer, queue)
+        self._claim_done(queue)
         if len(entries) < want and not again:
             self._drained.add(queue)
         if self._queues.get(queue.key) is not queue:
             # Deleted or forgotten meanwhile.
             for entry in entries:
-                self._give(entry)
+                self._give(entry, sent=False)
             return
         for entry in entries:
             queue.make_ready(entry)
@@ -462,20 +515,33 @@ class SharedBroker(Broker):
     def _claim_failed(self, failure, queue):
         self._claiming.discard(queue)
         self._again.discard(queue)
+        if self.store.leaving:
+            self._claim_done(queue)
+            return
         self._unclaim(queue)
+        self._claim_done(queue)
+        if not failure.check(StoreUnavailable):
+            self.log.warn(
+                "claiming from ({clientId}, {event}) failed: {error}",
+                clientId=queue.client_id,
+                event=queue.event,
+                error=failure.getErrorMessage(),
+            )
         self.clock.callLater(RETRY_DELAY, self._pump, queue)
 
     def _unclaim(self, queue):
         """
         A claim's answer was lost: give back whatever Redis says this
-        broker holds of C{queue} that it does not know it holds.
+        broker holds of C{queue} that it does not know it holds, once no
+        other claim of the queue is out (whose messages it would not know
+        of yet either).
         """
-        held = [entry.message.seq for entry in queue.entries()]
-        self.store.call(
-            "unclaim", self.store.broker_id, queue.qid, *held, retry=True
-        ).addErrback(self._failed, "giving back a lost claim")
+        self._lost.add(queue)
 
     def _failed(self, failure, what):
+        if failure.check(StoreUnavailable) and self.store.leaving:
+            # Closing: its LEAVE gives back everything it held.
+            return
         self.log.failure(what + " failed", failure)
 
     # Catching up
@@ -522,15 +588,18 @@ class SharedBroker(Broker):
         catchup.claiming = False
         queue = catchup.queue
         entries, catchup.until = self._entries_of(answer, queue)
-        if len(entries) < want:
-            catchup.exhausted = True
+        self._claim_done(queue)
         gone = self._sessions.get(session.connection) is not session
+        sent = 0
         for entry in entries:
             if gone or session.paused or session.full:
-                self._give(entry)
+                self._give(entry, sent=False)
             else:
                 self._send(session, entry, None)
-                catchup.count += 1
+                sent += 1
+        catchup.count += sent
+        if len(entries) < want and sent == len(entries):
+            catchup.exhausted = True
         if not gone:
             self._continue_catchups(session)
 
@@ -543,7 +612,7 @@ class SharedBroker(Broker):
             not queue.subscribed
             and not queue.consumers
             and not queue.in_memory
-            and queue not in self._claiming
+            and queue not in self._claims_out
             and not any(
                 c.queue is queue
                 for session in self._sessions.values()
@@ -562,6 +631,7 @@ class SharedBroker(Broker):
     def _catchup_failed(self, failure, session, catchup):
         catchup.claiming = False
         self._unclaim(catchup.queue)
+        self._claim_done(catchup.queue)
         if self._sessions.get(session.connection) is session:
             session.catchups.remove(catchup)
             self.log.failure("getAll failed", failure)
@@ -623,10 +693,10 @@ class SharedBroker(Broker):
         if queue is not None:
             # Claimed here and not sent yet: not in flight either.
             while (entry := queue.pop_ready()) is not None:
-                self._give(entry)
-        return self.store.call("purge", qid(client_id, event), retry=True).addCallback(
-            int
-        )
+                self._give(entry, sent=False)
+        # Not tried again after a failed round trip: a second run could
+        # delete what was published since.
+        return self.store.call("purge", qid(client_id, event)).addCallback(int)
 
     # Acknowledging, giving back, requeueing
 
@@ -678,10 +748,11 @@ class SharedBroker(Broker):
             entry.delayed = False
             self._give(entry)
 
-    def _give(self, entry):
+    def _give(self, entry, sent=True):
         """
         Give a message this broker claimed back to Redis, ready for any
-        broker (or to the dead letters, if Redis finds it is due there).
+        broker (or to the dead letters, if Redis finds it is due there);
+        one never C{sent} has its claim's delivery count taken back.
         """
         queue = entry.queue
         if queue.get(entry.message.id) is entry:
@@ -693,13 +764,21 @@ class SharedBroker(Broker):
             self.max_deliveries,
             queue.qid,
             entry.message.seq,
+            "0" if sent else "1",
             retry=True,
         ).addErrback(self._failed, "giving a message back")
 
     def requeue(self, client_id, event, message_id=None):
         self._check_writable()
+        # Not tried again after a failed round trip: a second run would
+        # answer for what the first left.
         d = self.store.call(
-            "requeue", client_id, event, message_id or "", self.max_queue, retry=True
+            "requeue",
+            client_id,
+            event,
+            message_id or "",
+            self.max_queue,
+            "all" if message_id is None else "one",
         )
         return d.addCallback(
             lambda answer: {

@@ -8,14 +8,15 @@ broker by L{Cluster.settle}, so each test decides when news travels.
 import json
 from unittest import skipIf
 
+from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from caps.publishing import QueueFull
 from caps.sharedbroker import SharedBroker
-from caps.store import StoreError
+from caps.store import StoreError, StoreUnavailable
 from caps.store.redis import RedisStore
 from caps.store.shared import SharedStore
-from caps.store.sharedlayout import CHANNEL
+from caps.store.sharedlayout import CHANNEL, qid
 
 from . import redisserver
 from .helpers import RecordingConnection
@@ -517,3 +518,282 @@ class SharedStoreTests(redisserver.OnSharedServer, SynchronousTestCase):
         with self.assertRaises(StoreError) as raised:
             RedisStore.open(self.server.url, self.clock, runner=synchronous)
         self.assertIn("start this one with --shared", str(raised.exception))
+
+
+class _Answers:
+    """
+    A runner for a shared store's round trips that runs each at once, and
+    can lose the answer of the next (C{lose}) or hold it back until told
+    (C{hold}; the held answer's L{Deferred} is C{pending}).
+    """
+
+    def __init__(self):
+        self.lose = 0
+        self.hold = False
+        self.pending = None
+
+    def __call__(self, f, *args):
+        result = f(*args)
+        if self.lose:
+            self.lose -= 1
+            return defer.fail(ConnectionError("the answer was lost"))
+        if self.hold:
+            self.hold = False
+            self.pending = defer.Deferred()
+            return self.pending
+        return defer.succeed(result)
+
+
+@skipIf(not redisserver.AVAILABLE, redisserver.skip_reason)
+class SharedReviewTests(redisserver.OnSharedServer, SynchronousTestCase):
+    """
+    The bugs a review of the shared brokers found, each with its
+    reproduction.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.cluster = Cluster(self, 2)
+        self.a, self.b = self.cluster.brokers
+
+    def consumer(self, broker, client_id="driver", event="pickup", **options):
+        connection = RecordingConnection(client_id)
+        broker.connect(connection)
+        self.cluster.result(broker.subscribe(connection, client_id, event, **options))
+        return connection
+
+    def rows(self, client_id, event):
+        return self.redis.hlen(f"caps:s:{{q{qid(client_id, event)}}}:rows")
+
+    def test_save_that_changes_nothing_does_not_hide_another_change(self):
+        """
+        A subscribe that changes nothing, on a broker that has not heard of
+        another broker's new subscription, does not make it skip it.
+        """
+        self.consumer(self.a)
+        vendor = RecordingConnection()
+        self.b.connect(vendor)
+        d = self.b.subscribe(vendor, "vendor", "pickup")
+        self.clock.advance(0)
+        self.successResultOf(d)
+        again = RecordingConnection()
+        self.a.connect(again)
+        d = self.a.subscribe(again, "driver", "pickup")
+        self.clock.advance(0)
+        self.successResultOf(d)
+        d = self.a.publish("pickup", {}, b"{}")
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(d)["queues"], 2)
+
+    def test_nothing_claimed_after_leaving(self):
+        """
+        A give-back asked for in the same pass as the broker closing runs
+        before it leaves; no claim goes out after, so nothing is left held
+        by a broker that is gone.
+        """
+        held = self.consumer(self.a, prefetch=1)
+        first = self.cluster.result(self.b.publish("pickup", {}, b"{}"))
+        second = self.cluster.result(self.b.publish("pickup", {}, b"{}"))
+        self.cluster.settle()
+        self.a.stop()
+        self.a.store.close()
+        self.a.nack(held, "driver", "pickup", first["messageId"])
+        self.cluster.settle()
+        self.cluster.brokers.remove(self.a)
+        other = self.consumer(self.b)
+        self.cluster.settle()
+        self.assertEqual(
+            sorted(other.ids()), sorted([first["messageId"], second["messageId"]])
+        )
+
+    def test_broker_given_up_for_dead_forgets_what_it_held(self):
+        """
+        A live broker whose heartbeat lapsed (Redis out of reach or busy
+        for longer) learns at its next beat that its messages were given
+        back, and forgets them: its consumer's slot is free, the message is
+        not sent twice by it, and an acknowledgement still deletes it.
+        """
+        held = self.consumer(self.a, prefetch=1, ack_timeout=0)
+        [answer] = [self.cluster.result(self.b.publish("pickup", {}, b"{}"))]
+        self.cluster.settle()
+        self.assertEqual(held.ids(), [answer["messageId"]])
+        self.redis.delete(f"caps:s:alive:{self.a.store.broker_id}")
+        self.b.store._beat()
+        self.cluster.settle()
+        self.a.store._beat()
+        self.cluster.settle()
+        # Its consumer has room again: it gets the message again, once,
+        # and holds only that.
+        session = self.a._sessions[held]
+        self.assertEqual(held.ids(), [answer["messageId"]] * 2)
+        self.assertEqual(len(session.in_flight), 1)
+        self.cluster.result(self.a.received("driver", "pickup", answer["messageId"]))
+        self.cluster.settle()
+        self.assertEqual(self.rows("driver", "pickup"), 0)
+        self.assertEqual(len(session.in_flight), 0)
+
+    def test_broker_given_up_for_dead_claims_nothing_until_it_beats(self):
+        """A broker whose heartbeat lapsed is refused claims until it beats again."""
+        self.redis.delete(f"caps:s:alive:{self.a.store.broker_id}")
+        self.b.store._beat()
+        self.cluster.settle()
+        self.cluster.result(self.b.publish("pickup", {}, b"{}", to=["driver"]))
+        early = RecordingConnection()
+        self.a.connect(early)
+        self.cluster.result(self.a.subscribe(early, "driver", "pickup"))
+        self.assertEqual(early.ids(), [])
+        self.clock.advance(1)
+        self.cluster.settle()
+        self.assertEqual(len(early.ids()), 1)
+        self.flushLoggedErrors()
+
+    def test_claimed_and_never_sent_is_not_counted(self):
+        """
+        Consumers that leave before their claim is answered do not use up
+        a message's deliveries: it is never dead-lettered undelivered.
+        """
+        cluster = Cluster(self, 1, max_deliveries=3)
+        [broker] = cluster.brokers
+        [answer] = [cluster.result(broker.publish("pickup", {}, b"{}", to=["x"]))]
+        for _ in range(3):
+            gone = RecordingConnection()
+            broker.connect(gone)
+            broker.subscribe(gone, "x", "pickup")
+            broker.disconnect(gone)
+            cluster.settle()
+        last = RecordingConnection()
+        broker.connect(last)
+        cluster.result(broker.subscribe(last, "x", "pickup"))
+        cluster.settle()
+        self.assertEqual(last.ids(), [answer["messageId"]])
+        self.assertEqual(last.deliveries[0]["deliveries"], 1)
+
+    def test_catch_up_ends_only_when_all_sent(self):
+        """
+        A getAll whose claim came back while its connection was full gives
+        those back uncounted and goes on once there is room.
+        """
+        cluster = Cluster(self, 1, max_unacked=3)
+        [broker] = cluster.brokers
+        for _ in range(3):
+            cluster.result(broker.publish("other", {}, b"{}", to=["me"]))
+        for _ in range(2):
+            cluster.result(broker.publish("pickup", {}, b"{}", to=["me"]))
+        me = RecordingConnection()
+        broker.connect(me)
+        subscribed = broker.subscribe(me, "me", "other")
+        d = broker.get_all(me, "me", "pickup")
+        cluster.settle()
+        self.successResultOf(subscribed)
+        for delivery in me.take():
+            cluster.result(
+                broker.received("me", delivery["event"], delivery["messageId"])
+            )
+        cluster.settle()
+        self.assertEqual(self.successResultOf(d)["count"], 2)
+        self.assertEqual([x["deliveries"] for x in me.deliveries], [1, 1])
+
+    def test_purge_not_run_twice(self):
+        """
+        A purge whose answer was lost is not run again (it would delete
+        what was confirmed since): the client is told to try again.
+        """
+        self.a.store._runner = runner = _Answers()
+        self.cluster.result(self.b.publish("pickup", {}, b"{}", to=["vendor"]))
+        runner.lose = 1
+        d = self.a.purge("vendor", "pickup")
+        self.clock.advance(0)
+        self.failureResultOf(d, StoreUnavailable)
+        self.cluster.result(self.b.publish("pickup", {}, b"{}", to=["vendor"]))
+        self.clock.advance(1)
+        self.cluster.settle()
+        self.assertEqual(self.rows("vendor", "pickup"), 1)
+        self.flushLoggedErrors(ConnectionError)
+
+    def test_lost_claim_undone_without_undoing_another(self):
+        """
+        A claim whose answer was lost is undone only once the queue's
+        other claims are answered, so a getAll's messages are not given
+        back while it sends them.
+        """
+        ids = [
+            self.cluster.result(self.b.publish("pickup", {}, b"{}", to=["driver"]))[
+                "messageId"
+            ]
+            for _ in range(3)
+        ]
+        self.a.store._runner = runner = _Answers()
+        consumer = RecordingConnection()
+        self.a.connect(consumer)
+        runner.hold = True
+        self.a.subscribe(consumer, "driver", "pickup", prefetch=1)
+        self.clock.advance(0)
+        catching = RecordingConnection()
+        self.a.connect(catching)
+        self.a.get_all(catching, "driver", "pickup")
+        runner.pending.errback(ConnectionError("the answer was lost"))
+        # The subscription's save is tried again a second later.
+        self.clock.advance(1)
+        self.cluster.settle()
+        other = RecordingConnection()
+        self.b.connect(other)
+        self.cluster.result(self.b.subscribe(other, "driver", "pickup"))
+        self.cluster.settle()
+        self.assertEqual(set(catching.ids()) & set(other.ids()), set())
+        self.assertEqual(
+            sorted(catching.ids() + other.ids() + consumer.ids()), sorted(ids)
+        )
+        self.flushLoggedErrors(ConnectionError)
+
+    def test_paused_consumer_does_not_hoard(self):
+        """
+        Messages claimed for a consumer that paused before they came are
+        given back for consumers elsewhere.
+        """
+        for _ in range(20):
+            self.cluster.result(self.b.publish("pickup", {}, b"{}", to=["driver"]))
+        slow = RecordingConnection()
+        self.a.connect(slow)
+        self.a.subscribe(slow, "driver", "pickup", prefetch=50)
+        self.a.pause(slow)
+        self.cluster.settle()
+        fast = RecordingConnection()
+        self.b.connect(fast)
+        self.cluster.result(self.b.subscribe(fast, "driver", "pickup", prefetch=50))
+        self.cluster.settle()
+        self.assertEqual(len(fast.ids()), 20)
+        self.assertEqual({d["deliveries"] for d in fast.deliveries}, {1})
+
+    def test_requeue_of_an_empty_message_id_is_of_none(self):
+        """requeue with messageId "" moves nothing (as on one broker), not everything."""
+        cluster = Cluster(self, 1, max_deliveries=1)
+        [broker] = cluster.brokers
+        driver = RecordingConnection()
+        broker.connect(driver)
+        cluster.result(broker.subscribe(driver, "driver", "pickup"))
+        ids = [
+            cluster.result(broker.publish("pickup", {}, b"{}"))["messageId"]
+            for _ in range(2)
+        ]
+        cluster.settle()
+        for message_id in ids:
+            broker.nack(driver, "driver", "pickup", message_id)
+        broker.unsubscribe(driver, "driver", "pickup")
+        cluster.settle()
+        self.assertEqual(self.rows("driver", "pickup.dead"), 2)
+        answer = cluster.result(broker.requeue("driver", "pickup", ""))
+        self.assertEqual(answer["requeued"], 0)
+        self.assertEqual(
+            cluster.result(broker.requeue("driver", "pickup"))["requeued"], 2
+        )
+
+    def test_publish_run_again_after_redis_forgot_the_scripts_is_announced(self):
+        """
+        After Redis forgot the scripts (restarted, failed over), a publish
+        run again is announced again, so consumers elsewhere hear of it.
+        """
+        consumer = self.consumer(self.a)
+        self.redis.script_flush()
+        self.cluster.result(self.b.publish("pickup", {}, b"{}"))
+        self.cluster.settle()
+        self.assertEqual(len(consumer.ids()), 1)

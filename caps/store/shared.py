@@ -78,6 +78,9 @@ class SharedStore(WriterThread):
         # the ops in it (see _merge)
         self._merged = []
         self._closed = False
+        # Leaving: nothing more goes to Redis after the LEAVE call
+        self._closing = False
+        self._broker = None
         self._listen = listen
         self._events = None
         # Milliseconds this broker's heartbeat lasts in Redis.
@@ -146,10 +149,19 @@ class SharedStore(WriterThread):
         words)}, on the reactor thread), and start the heartbeat.
         """
         self.max_deliveries = broker.max_deliveries
+        self._broker = broker
         if self._listen:
             self._events = _Events(self._url, self.clock, broker.heard)
             self._events.start()
         self._beating.start(BEAT, now=False)
+
+    @property
+    def leaving(self):
+        """
+        Whether the broker is closing: after its LEAVE nothing more goes
+        to Redis.
+        """
+        return self._closing
 
     # The write-behind contract's change methods: nothing to record.
 
@@ -180,7 +192,7 @@ class SharedStore(WriterThread):
             has run (a publish's).
         @return: a L{Deferred} firing with the script's answer.
         """
-        if self._closed:
+        if self._closing:
             return defer.fail(StoreUnavailable(UNAVAILABLE))
         d = defer.Deferred()
         self._ops.append((name, args, d, retry, notify))
@@ -272,7 +284,9 @@ class SharedStore(WriterThread):
         d.addCallbacks(self._beaten, self._beat_failed)
 
     def _beaten(self, answer):
-        reaped, returned, expired = answer[:3]
+        reaped, returned, _, lapsed = answer[:4]
+        if lapsed and self._broker is not None:
+            self._broker.lapsed()
         if reaped:
             self.log.warn(
                 "{brokers} broker(s) sharing {store} stopped beating: "
@@ -298,8 +312,12 @@ class SharedStore(WriterThread):
     async def _close(self):
         if self._beating.running:
             self._beating.stop()
+        leaving = self.call("leave", self.broker_id)
+        # What is asked after this would run after LEAVE: a claim then
+        # would hold messages for a broker nobody gives back for.
+        self._closing = True
         try:
-            await self.call("leave", self.broker_id)
+            await leaving
         except Exception as e:
             self.log.warn(
                 "{store}: could not give back the messages this broker "
@@ -389,7 +407,7 @@ def _round_trip(client, shas, ops, notify, durable, replicas):
         # Redis restarted and forgot the scripts: load them, run those again.
         for name in {ops[i][0] for i in missing}:
             client.script_load(layout.SCRIPTS[name])
-        again = _pipeline(client, shas, [ops[i] for i in missing], ())
+        again = _pipeline(client, shas, [ops[i] for i in missing], notify)
         for i, answer in zip(missing, again, strict=True):
             answers[i] = answer
     if durable is not None:

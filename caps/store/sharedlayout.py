@@ -364,6 +364,11 @@ if stop == '' then
   stop = '+inf'
 end
 local dead = ARGV[7] == '1'
+if redis.call('EXISTS', P .. 'alive:' .. broker) == 0 then
+  -- Given up for dead (its heartbeat lapsed): it claims again once it
+  -- has beaten, and forgotten what it held.
+  return redis.error_reply('REAPED ' .. broker)
+end
 local ready, rows, owned, deliveries = qkeys(qid)
 local out = {upto, 0}
 local got = 0
@@ -418,20 +423,28 @@ return notified(out)
 """
 )
 
-# ARGV: broker, now, max deliveries, then (qid, seq) pairs the broker gives
-# back: each goes back to its place, ready, unless it was delivered too
-# often or has expired (then to the dead letters).  Returns the qids that
+# ARGV: broker, now, max deliveries, then (qid, seq, unsent) for each
+# message the broker gives back: each goes back to its place, ready, unless
+# it was delivered too often or has expired (then to the dead letters);
+# one claimed but never sent (unsent '1') has its claim's count taken
+# back.  Returns the qids that
 # got ready messages.
 GIVE = (
     _PRELUDE
     + r"""
 local broker, now, most = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local metas = {}
-for i = 4, #ARGV, 2 do
+for i = 4, #ARGV, 3 do
   local qid, seq = ARGV[i], ARGV[i + 1]
   local ready, rows, owned, deliveries = qkeys(qid)
   if redis.call('HGET', owned, seq) == broker then
     redis.call('HDEL', owned, seq)
+    if ARGV[i + 2] == '1' then
+      -- Claimed, never sent: the claim's count is taken back.
+      if redis.call('HINCRBY', deliveries, seq, -1) <= 0 then
+        redis.call('HDEL', deliveries, seq)
+      end
+    end
     local m = metas[qid] or meta_of(qid)
     metas[qid] = m
     local reason = nil
@@ -507,19 +520,22 @@ return out
 
 # ARGV: qid, clientId, event, subscribed ('1'/'0'), filter JSON or 'null',
 # maxLength or 'null'.  Saves the queue's subscription; bumps the
-# subscriptions version if it changed.  Returns {version, messages}.
+# subscriptions version if it changed.  Returns {version, messages,
+# whether this call bumped it}.
 SAVE = (
     _PRELUDE
     + r"""
 local meta = '[' .. cjson.encode(ARGV[2]) .. ',' .. cjson.encode(ARGV[3]) .. ','
   .. (ARGV[4] == '1' and 'true' or 'false') .. ',' .. ARGV[5] .. ',' .. ARGV[6] .. ']'
 local version = redis.call('GET', P .. 'subs') or '0'
+local changed = 0
 if redis.call('HGET', P .. 'queues', ARGV[1]) ~= meta then
   redis.call('HSET', P .. 'queues', ARGV[1], meta)
   version = redis.call('INCR', P .. 'subs')
   redis.call('PUBLISH', P .. 'events', 'subs')
+  changed = 1
 end
-return {tonumber(version), redis.call('HLEN', P .. '{q' .. ARGV[1] .. '}:rows')}
+return {tonumber(version), redis.call('HLEN', P .. '{q' .. ARGV[1] .. '}:rows'), changed}
 """
 )
 
@@ -547,18 +563,19 @@ return version
 """
 )
 
-# ARGV: clientId, event, messageId or '', the broker's queue limit.  Moves
+# ARGV: clientId, event, messageId, the broker's queue limit, 'all' or
+# 'one'.  Moves
 # dead letters of (clientId, event) that are not in flight back to that
 # queue at their places, delivery counts reset: the one, or all, as many
 # as the queue's limit allows.  Returns {moved, qid...}.
 REQUEUE = (
     _PRELUDE
     + r"""
-local client, event, id = ARGV[1], ARGV[2], ARGV[3]
+local client, event, all, id = ARGV[1], ARGV[2], ARGV[5] == 'all', ARGV[3]
 local dead = qid_of(client, event .. '.dead')
 local dready, drows, downed, ddeliveries, dids = qkeys(dead)
 local seqs
-if id == '' then
+if all then
   seqs = redis.call('ZRANGE', dready, 0, -1)
 else
   seqs = {}
@@ -601,11 +618,18 @@ return notified({moved})
 # messages to move at most, milliseconds its heartbeat lasts.  The broker's heartbeat: it renews its own,
 # gives back the messages of every broker whose heartbeat has lapsed, and
 # moves expired messages at the head of queues to their dead letters.
-# Returns {reaped brokers, messages given back, expired, qid...}.
+# Returns {reaped brokers, messages given back, expired, whether this
+# broker had been given up for dead, qid...}.
 BEAT = (
     _PRELUDE
     + r"""
 local me, now, most, budget = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+-- Given up for dead since its last beat: another broker gave back what
+-- it held.  (Its first beat, on joining, finds no record either.)
+local lapsed = 0
+if redis.call('HEXISTS', P .. 'brokers', me) == 0 then
+  lapsed = 1
+end
 redis.call('SET', P .. 'alive:' .. me, '1', 'PX', ARGV[6])
 redis.call('HSET', P .. 'brokers', me, ARGV[2])
 local brokers = redis.call('HKEYS', P .. 'brokers')
@@ -637,7 +661,7 @@ for _, qid in ipairs(redis.call('SMEMBERS', P .. 'expiring')) do
     end
   end
 end
-return notified({reaped, returned, expired})
+return notified({reaped, returned, expired, lapsed})
 """
 )
 
