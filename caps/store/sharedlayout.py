@@ -148,6 +148,19 @@ local function expiry(row)
   return e
 end
 
+-- Why a message of a live queue must go to the dead letters now (sent
+-- MOST times, or expired by NOW), or nil.
+local function due(row, sent, now, most)
+  if sent >= most then
+    return 'max-deliveries'
+  end
+  local e = row and expiry(row)
+  if e and e <= now then
+    return 'expired'
+  end
+  return nil
+end
+
 -- Take a message out of a queue's keys; returns its row.
 local function take(qid, seq)
   local ready, rows, owned, deliveries, ids = qkeys(qid)
@@ -388,12 +401,7 @@ while got < want do
       local sent = tonumber(counts[i] or '0')
       local reason = nil
       if not dead then
-        local e = expiry(row)
-        if sent >= most then
-          reason = 'max-deliveries'
-        elseif e and e <= now then
-          reason = 'expired'
-        end
+        reason = due(row, sent, now, most)
       end
       if reason then
         m = m or meta_of(qid)
@@ -449,13 +457,12 @@ for i = 4, #ARGV, 3 do
     metas[qid] = m
     local reason = nil
     if m and not is_dead(m[2]) then
-      local row = redis.call('HGET', rows, seq)
-      local e = row and expiry(row)
-      if tonumber(redis.call('HGET', deliveries, seq) or '0') >= most then
-        reason = 'max-deliveries'
-      elseif e and e <= now then
-        reason = 'expired'
-      end
+      reason = due(
+        redis.call('HGET', rows, seq),
+        tonumber(redis.call('HGET', deliveries, seq) or '0'),
+        now,
+        most
+      )
     end
     if reason then
       to_dead(qid, m[1], m[2], seq, reason, now)
