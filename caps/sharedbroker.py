@@ -36,7 +36,7 @@ from caps.queue import Queue
 from caps.store import UNAVAILABLE, StoreUnavailable
 from caps.store.redislayout import message as read_row
 from caps.store.shared import RETRY_DELAY, _subscriptions
-from caps.store.sharedlayout import dead_qid, qid
+from caps.store.sharedlayout import CHUNK, dead_qid, qid
 
 # Messages one claim takes at most: consumers on other brokers get their
 # share of a busy queue.
@@ -694,9 +694,22 @@ class SharedBroker(Broker):
             # Claimed here and not sent yet: not in flight either.
             while (entry := queue.pop_ready()) is not None:
                 self._give(entry, sent=False)
-        # Not tried again after a failed round trip: a second run could
-        # delete what was published since.
-        return self.store.call("purge", qid(client_id, event)).addCallback(int)
+        return self._purge(qid(client_id, event), 0)
+
+    def _purge(self, name, purged):
+        """
+        Purge queue C{name} a chunk at a time; a L{Deferred} of how many in
+        all.  A chunk is not run again after a failed round trip: a second
+        run could delete what was published since.
+        """
+
+        def more(count):
+            count = int(count)
+            if count < CHUNK:
+                return purged + count
+            return self._purge(name, purged + count)
+
+        return self.store.call("purge", name, CHUNK).addCallback(more)
 
     # Acknowledging, giving back, requeueing
 
@@ -770,8 +783,23 @@ class SharedBroker(Broker):
 
     def requeue(self, client_id, event, message_id=None):
         self._check_writable()
-        # Not tried again after a failed round trip: a second run would
-        # answer for what the first left.
+        return self._requeue(client_id, event, message_id, 0).addCallback(
+            lambda moved: {"clientId": client_id, "event": event, "requeued": moved}
+        )
+
+    def _requeue(self, client_id, event, message_id, moved):
+        """
+        Requeue a chunk at a time; a L{Deferred} of how many in all.  Not
+        run again after a failed round trip: a second run would answer for
+        what the first left.
+        """
+
+        def more(answer):
+            count = int(answer[0])
+            if message_id is not None or count < CHUNK:
+                return moved + count
+            return self._requeue(client_id, event, message_id, moved + count)
+
         d = self.store.call(
             "requeue",
             client_id,
@@ -779,11 +807,6 @@ class SharedBroker(Broker):
             message_id or "",
             self.max_queue,
             "all" if message_id is None else "one",
+            CHUNK,
         )
-        return d.addCallback(
-            lambda answer: {
-                "clientId": client_id,
-                "event": event,
-                "requeued": int(answer[0]),
-            }
-        )
+        return d.addCallback(more)

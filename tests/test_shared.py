@@ -11,6 +11,7 @@ from unittest import skipIf
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
+from caps import sharedbroker
 from caps.publishing import QueueFull
 from caps.sharedbroker import SharedBroker
 from caps.store import StoreError, StoreUnavailable
@@ -797,3 +798,69 @@ class SharedReviewTests(redisserver.OnSharedServer, SynchronousTestCase):
         self.cluster.result(self.b.publish("pickup", {}, b"{}"))
         self.cluster.settle()
         self.assertEqual(len(consumer.ids()), 1)
+
+
+@skipIf(not redisserver.AVAILABLE, redisserver.skip_reason)
+class SharedLongQueueTests(redisserver.OnSharedServer, SynchronousTestCase):
+    """
+    Purge and requeue move a long queue a chunk at a time, and a peek
+    reads only what it shows (and what is in flight), so that no one
+    script keeps Redis, and with it every broker's heartbeat, busy for
+    long.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.patch(sharedbroker, "CHUNK", 3)
+        self.cluster = Cluster(self, 1, max_deliveries=1)
+        [self.broker] = self.cluster.brokers
+
+    def publish(self, n, to="vendor"):
+        return [
+            self.cluster.result(self.broker.publish("pickup", {}, b"{}", to=[to]))[
+                "messageId"
+            ]
+            for _ in range(n)
+        ]
+
+    def test_purge_in_chunks(self):
+        """A purge of more than a chunk deletes them all and counts them all."""
+        self.publish(7)
+        self.assertEqual(self.cluster.result(self.broker.purge("vendor", "pickup")), 7)
+        rows, more = self.cluster.result(self.broker.peek("vendor", "pickup"))
+        self.assertEqual((rows, more), ([], 0))
+
+    def test_requeue_in_chunks(self):
+        """A requeue of more dead letters than a chunk moves them all."""
+        driver = RecordingConnection()
+        self.broker.connect(driver)
+        self.cluster.result(self.broker.subscribe(driver, "driver", "pickup"))
+        ids = self.publish(7, to="driver")
+        self.cluster.settle()
+        self.broker.unsubscribe(driver, "driver", "pickup")
+        self.cluster.settle()
+        answer = self.cluster.result(self.broker.requeue("driver", "pickup"))
+        self.assertEqual(answer["requeued"], 7)
+        rows, _ = self.cluster.result(self.broker.peek("driver", "pickup"))
+        self.assertEqual([r["messageId"] for r in rows], ids)
+
+    def test_peek_merges_ready_and_in_flight_in_order(self):
+        """A peek shows ready and in-flight messages together, in order, from after."""
+        ids = self.publish(6, to="driver")
+        driver = RecordingConnection()
+        self.broker.connect(driver)
+        self.cluster.result(
+            self.broker.subscribe(driver, "driver", "pickup", prefetch=2)
+        )
+        self.cluster.settle()
+        rows, more = self.cluster.result(
+            self.broker.peek("driver", "pickup", after=0, limit=4)
+        )
+        self.assertEqual([r["messageId"] for r in rows], ids[:4])
+        self.assertEqual([r["inFlight"] for r in rows], [True, True, False, False])
+        self.assertEqual(more, 2)
+        rows, more = self.cluster.result(
+            self.broker.peek("driver", "pickup", after=rows[1]["seq"], limit=2)
+        )
+        self.assertEqual([r["messageId"] for r in rows], ids[2:4])
+        self.assertEqual(more, 2)

@@ -571,7 +571,8 @@ return version
 )
 
 # ARGV: clientId, event, messageId, the broker's queue limit, 'all' or
-# 'one'.  Moves
+# 'one', how many at most (of all: a long dead-letter queue is moved in
+# several calls).  Moves
 # dead letters of (clientId, event) that are not in flight back to that
 # queue at their places, delivery counts reset: the one, or all, as many
 # as the queue's limit allows.  Returns {moved, qid...}.
@@ -583,7 +584,7 @@ local dead = qid_of(client, event .. '.dead')
 local dready, drows, downed, ddeliveries, dids = qkeys(dead)
 local seqs
 if all then
-  seqs = redis.call('ZRANGE', dready, 0, -1)
+  seqs = redis.call('ZRANGE', dready, 0, tonumber(ARGV[6]) - 1)
 else
   seqs = {}
   local held = redis.call('HGET', dids, id)
@@ -721,20 +722,29 @@ return notified({})
 
 # ARGV: qid, after, limit.  The queue's messages after sequence number
 # C{after}, oldest first, at most C{limit}, left in place: {count after,
-# (seq, row, deliveries, owner or '')...}.
+# (seq, row, deliveries, owner or '')...}.  Reads the ready ones in order
+# from their sorted set and all those in flight (as many as consumers
+# hold): a look at a long queue does not read all of it.
 PEEK = (
     _PRELUDE
     + r"""
 local ready, rows, owned, deliveries = qkeys(ARGV[1])
 local after, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
 local seqs = {}
-for _, seq in ipairs(redis.call('HKEYS', rows)) do
+for _, seq in ipairs(redis.call('ZRANGE', ready, '(' .. after, '+inf', 'BYSCORE',
+                                'LIMIT', 0, limit)) do
+  seqs[#seqs + 1] = tonumber(seq)
+end
+local count = redis.call('ZCOUNT', ready, '(' .. after, '+inf')
+local held = redis.call('HKEYS', owned)
+for _, seq in ipairs(held) do
   if tonumber(seq) > after then
     seqs[#seqs + 1] = tonumber(seq)
+    count = count + 1
   end
 end
 table.sort(seqs)
-local out = {#seqs}
+local out = {count}
 for i = 1, math.min(limit, #seqs) do
   local seq = tostring(seqs[i])
   out[#out + 1] = seq
@@ -746,15 +756,19 @@ return out
 """
 )
 
-# ARGV: qid.  Deletes every message of the queue that is not in flight.
-# Returns how many.
+# How many messages one call of PURGE or REQUEUE moves at most.
+CHUNK = 1000
+
+# ARGV: qid, how many at most.  Deletes the oldest messages of the queue
+# that are not in flight, up to that many (a long queue is purged in
+# several calls, so that Redis is not busy for seconds).  Returns how many.
 PURGE = (
     _PRELUDE
     + r"""
 local qid = ARGV[1]
 local ready = qkeys(qid)
 local purged = 0
-for _, seq in ipairs(redis.call('ZRANGE', ready, 0, -1)) do
+for _, seq in ipairs(redis.call('ZRANGE', ready, 0, tonumber(ARGV[2]) - 1)) do
   local row = take(qid, seq)
   if row then
     unlive(message_id(row), 1)
