@@ -694,22 +694,23 @@ class SharedBroker(Broker):
             # Claimed here and not sent yet: not in flight either.
             while (entry := queue.pop_ready()) is not None:
                 self._give(entry, sent=False)
-        return self._purge(qid(client_id, event), 0)
+        return self._purge(qid(client_id, event), 0, "")
 
-    def _purge(self, name, purged):
+    def _purge(self, name, purged, until):
         """
-        Purge queue C{name} a chunk at a time; a L{Deferred} of how many in
-        all.  A chunk is not run again after a failed round trip: a second
-        run could delete what was published since.
+        Purge queue C{name} a chunk at a time, up to what was published
+        when it started; a L{Deferred} of how many in all.  A chunk is not
+        run again after a failed round trip: a second run could delete what
+        was published since.
         """
 
-        def more(count):
-            count = int(count)
+        def more(answer):
+            count, last = int(answer[0]), answer[1]
             if count < CHUNK:
                 return purged + count
-            return self._purge(name, purged + count)
+            return self._purge(name, purged + count, last)
 
-        return self.store.call("purge", name, CHUNK).addCallback(more)
+        return self.store.call("purge", name, CHUNK, until).addCallback(more)
 
     # Acknowledging, giving back, requeueing
 

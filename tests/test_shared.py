@@ -541,8 +541,15 @@ class _Answers:
         if self.hold:
             self.hold = False
             self.pending = defer.Deferred()
+            self.result = result
             return self.pending
         return defer.succeed(result)
+
+    def release(self):
+        """
+        Hand back the answer held.
+        """
+        self.pending.callback(self.result)
 
 
 @skipIf(not redisserver.AVAILABLE, redisserver.skip_reason)
@@ -829,6 +836,22 @@ class SharedLongQueueTests(redisserver.OnSharedServer, SynchronousTestCase):
         self.assertEqual(self.cluster.result(self.broker.purge("vendor", "pickup")), 7)
         rows, more = self.cluster.result(self.broker.peek("vendor", "pickup"))
         self.assertEqual((rows, more), ([], 0))
+
+    def test_purge_leaves_what_is_published_meanwhile(self):
+        """A purge in chunks deletes what was queued when it began, not what comes after."""
+        self.publish(4)
+        self.broker.store._runner = runner = _Answers()
+        runner.hold = True
+        d = self.broker.purge("vendor", "pickup")
+        self.clock.advance(0)
+        # Published while the first chunk's answer is on its way: the next
+        # chunk runs after it.
+        published = self.broker.publish("pickup", {}, b"{}", to=["vendor"])
+        runner.release()
+        later = self.cluster.result(published)["messageId"]
+        self.assertEqual(self.cluster.result(d), 4)
+        rows, _ = self.cluster.result(self.broker.peek("vendor", "pickup"))
+        self.assertEqual([r["messageId"] for r in rows], [later])
 
     def test_requeue_in_chunks(self):
         """A requeue of more dead letters than a chunk moves them all."""

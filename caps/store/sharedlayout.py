@@ -759,23 +759,31 @@ return out
 # How many messages one call of PURGE or REQUEUE moves at most.
 CHUNK = 1000
 
-# ARGV: qid, how many at most.  Deletes the oldest messages of the queue
-# that are not in flight, up to that many (a long queue is purged in
-# several calls, so that Redis is not busy for seconds).  Returns how many.
+# ARGV: qid, how many at most, the last seq to purge ('' for the last one
+# published so far).  Deletes the oldest messages of the queue that are not
+# in flight, up to that many (a long queue is purged in several calls, so
+# that Redis is not busy for seconds; the later calls are given the first
+# one's last seq, so nothing published meanwhile is purged).  Returns
+# {how many, the last seq}.
 PURGE = (
     _PRELUDE
     + r"""
 local qid = ARGV[1]
+local upto = ARGV[3]
+if upto == '' then
+  upto = redis.call('GET', P .. 'seq') or '0'
+end
 local ready = qkeys(qid)
 local purged = 0
-for _, seq in ipairs(redis.call('ZRANGE', ready, 0, tonumber(ARGV[2]) - 1)) do
+for _, seq in ipairs(redis.call('ZRANGE', ready, '-inf', upto, 'BYSCORE',
+                                'LIMIT', 0, tonumber(ARGV[2]))) do
   local row = take(qid, seq)
   if row then
     unlive(message_id(row), 1)
     purged = purged + 1
   end
 end
-return purged
+return {purged, upto}
 """
 )
 
