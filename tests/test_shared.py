@@ -795,6 +795,25 @@ class SharedReviewTests(redisserver.OnSharedServer, SynchronousTestCase):
             cluster.result(broker.requeue("driver", "pickup"))["requeued"], 2
         )
 
+    def test_broker_made_id_a_client_took_is_not_reused(self):
+        """
+        A client that publishes with the messageId the broker would make
+        next does not get its message confused with the broker's: each
+        keeps an id of its own, and acknowledging one leaves the other.
+        """
+        # Its own publish takes sequence number 1; the next is 2.
+        taken = f"{self.a.store.broker_id}-2"
+        [mine] = [
+            self.cluster.result(
+                self.a.publish("pickup", {}, b"{}", to=["driver"], message_id=taken)
+            )
+        ]
+        made = self.cluster.result(self.a.publish("pickup", {}, b"{}", to=["driver"]))
+        self.assertEqual(mine["messageId"], taken)
+        self.assertNotEqual(made["messageId"], taken)
+        self.cluster.result(self.b.received("driver", "pickup", taken))
+        self.assertEqual(self.rows("driver", "pickup"), 1)
+
     def test_publish_run_again_after_redis_forgot_the_scripts_is_announced(self):
         """
         After Redis forgot the scripts (restarted, failed over), a publish

@@ -324,6 +324,13 @@ local function publish(i)
   local plain
   if id == '' then
     plain = prefix .. seq
+    -- A client may have taken this id for one of its own: make another.
+    local n = 0
+    while redis.call('HEXISTS', P .. 'live', plain) == 1
+        or redis.call('ZSCORE', P .. 'dedupe', plain) do
+      n = n + 1
+      plain = prefix .. seq .. '.' .. n
+    end
     id = '"' .. plain .. '"'
   else
     plain = cjson.decode(id)
