@@ -59,6 +59,7 @@ class SharedCatchup:
     queue: object
     until: int | None
     done: object
+    failed: object
     count: int = 0
     claiming: bool = False
     exhausted: bool = False
@@ -412,7 +413,12 @@ class SharedBroker(Broker):
             self._changed(version, True)
             return answer
 
-        return d.addCallback(deleted)
+        def failed(failure):
+            # Deleted here, perhaps not in Redis: route by what Redis has.
+            self._refresh()
+            return failure
+
+        return d.addCallbacks(deleted, failed)
 
     def _pump(self, queue):
         super()._pump(queue)
@@ -450,7 +456,8 @@ class SharedBroker(Broker):
         )
 
     def _claim_call(self, queue, want, until):
-        self._claims_out[queue] = self._claims_out.get(queue, 0) + 1
+        name = queue.qid
+        self._claims_out[name] = self._claims_out.get(name, 0) + 1
         d = self.store.call(
             "claim",
             queue.qid,
@@ -469,14 +476,18 @@ class SharedBroker(Broker):
         queue's entries (or it failed): once none is out, a lost one can be
         undone without undoing another's (see L{_unclaim}).
         """
-        left = self._claims_out.pop(queue) - 1
+        name = queue.qid
+        left = self._claims_out.pop(name) - 1
         if left:
-            self._claims_out[queue] = left
-        elif queue in self._lost:
-            self._lost.discard(queue)
-            held = [entry.message.seq for entry in queue.entries()]
+            self._claims_out[name] = left
+        elif name in self._lost:
+            self._lost.discard(name)
+            # What this broker holds of the queue now (a queue deleted and
+            # made again is another object with the same qid).
+            current = self._by_qid.get(name, queue)
+            held = [entry.message.seq for entry in current.entries()]
             self.store.call(
-                "unclaim", self.store.broker_id, queue.qid, *held, retry=True
+                "unclaim", self.store.broker_id, name, *held, retry=True
             ).addErrback(self._failed, "giving back a lost claim")
 
     def _entries_of(self, answer, queue):
@@ -518,9 +529,10 @@ class SharedBroker(Broker):
         if self.store.leaving:
             self._claim_done(queue)
             return
-        self._unclaim(queue)
+        if not _refused(failure):
+            self._unclaim(queue)
         self._claim_done(queue)
-        if not failure.check(StoreUnavailable):
+        if not failure.check(StoreUnavailable) and not _refused(failure):
             self.log.warn(
                 "claiming from ({clientId}, {event}) failed: {error}",
                 clientId=queue.client_id,
@@ -536,7 +548,7 @@ class SharedBroker(Broker):
         other claim of the queue is out (whose messages it would not know
         of yet either).
         """
-        self._lost.add(queue)
+        self._lost.add(queue.qid)
 
     def _failed(self, failure, what):
         if failure.check(StoreUnavailable) and self.store.leaving:
@@ -554,7 +566,7 @@ class SharedBroker(Broker):
 
         session = self._sessions[connection]
         queue = self._queue(client_id, event)
-        session.catchups.append(SharedCatchup(queue, None, finished))
+        session.catchups.append(SharedCatchup(queue, None, finished, done.errback))
         if len(session.catchups) == 1:
             self._continue_catchups(session)
         return done
@@ -612,7 +624,7 @@ class SharedBroker(Broker):
             not queue.subscribed
             and not queue.consumers
             and not queue.in_memory
-            and queue not in self._claims_out
+            and queue.qid not in self._claims_out
             and not any(
                 c.queue is queue
                 for session in self._sessions.values()
@@ -630,13 +642,22 @@ class SharedBroker(Broker):
 
     def _catchup_failed(self, failure, session, catchup):
         catchup.claiming = False
-        self._unclaim(catchup.queue)
+        refused = _refused(failure)
+        if not refused and not self.store.leaving:
+            self._unclaim(catchup.queue)
         self._claim_done(catchup.queue)
-        if self._sessions.get(session.connection) is session:
-            session.catchups.remove(catchup)
-            self.log.failure("getAll failed", failure)
-            catchup.done(catchup.count)
-            self._continue_catchups(session)
+        if self._sessions.get(session.connection) is not session:
+            return
+        if refused or failure.check(StoreUnavailable):
+            # Redis out of reach, or this broker not beating yet: the
+            # getAll goes on where it was once it can.
+            if not self.store.leaving:
+                self.clock.callLater(RETRY_DELAY, self._continue_catchups, session)
+            return
+        session.catchups.remove(catchup)
+        self.log.failure("getAll failed", failure)
+        catchup.failed(failure)
+        self._continue_catchups(session)
 
     # What observers see
 
@@ -754,8 +775,9 @@ class SharedBroker(Broker):
             self._give(entry)
 
     def _dead_letter(self, entry, reason):
-        # Redis moves it, seeing why itself.
-        self._give(entry)
+        # Met expired on its way out (_next_ready), never sent: Redis moves
+        # it, seeing why itself.
+        self._give(entry, sent=False)
 
     def _delay_over(self, entry):
         if entry.delayed and not entry.removed:
@@ -788,18 +810,19 @@ class SharedBroker(Broker):
             lambda moved: {"clientId": client_id, "event": event, "requeued": moved}
         )
 
-    def _requeue(self, client_id, event, message_id, moved):
+    def _requeue(self, client_id, event, message_id, moved, after="0"):
         """
-        Requeue a chunk at a time; a L{Deferred} of how many in all.  Not
-        run again after a failed round trip: a second run would answer for
-        what the first left.
+        Requeue a chunk at a time, each after the last seq the one before
+        moved (a message that dies again meanwhile is not moved twice); a
+        L{Deferred} of how many in all.  Not run again after a failed round
+        trip: a second run would answer for what the first left.
         """
 
         def more(answer):
-            count = int(answer[0])
-            if message_id is not None or count < CHUNK:
+            count, last, again = int(answer[0]), answer[1], int(answer[2])
+            if not again:
                 return moved + count
-            return self._requeue(client_id, event, message_id, moved + count)
+            return self._requeue(client_id, event, message_id, moved + count, last)
 
         d = self.store.call(
             "requeue",
@@ -809,5 +832,18 @@ class SharedBroker(Broker):
             self.max_queue,
             "all" if message_id is None else "one",
             CHUNK,
+            after,
         )
         return d.addCallback(more)
+
+
+def _refused(failure):
+    """
+    Whether Redis refused a claim because this broker is not beating (it
+    was given up for dead and has not beaten since): nothing was claimed.
+    """
+    from redis.exceptions import ResponseError
+
+    return failure.check(ResponseError) is not None and str(failure.value).startswith(
+        "REAPED"
+    )

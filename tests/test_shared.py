@@ -533,7 +533,12 @@ class _Answers:
         self.hold = False
         self.pending = None
 
+    refuse = 0
+
     def __call__(self, f, *args):
+        if self.refuse:
+            self.refuse -= 1
+            return defer.fail(ConnectionError("Redis is out of reach"))
         result = f(*args)
         if self.lose:
             self.lose -= 1
@@ -552,11 +557,9 @@ class _Answers:
         self.pending.callback(self.result)
 
 
-@skipIf(not redisserver.AVAILABLE, redisserver.skip_reason)
-class SharedReviewTests(redisserver.OnSharedServer, SynchronousTestCase):
+class _TwoBrokers(redisserver.OnSharedServer):
     """
-    The bugs a review of the shared brokers found, each with its
-    reproduction.
+    Two shared brokers, C{a} and C{b}, on the test's Redis.
     """
 
     def setUp(self):
@@ -572,6 +575,14 @@ class SharedReviewTests(redisserver.OnSharedServer, SynchronousTestCase):
 
     def rows(self, client_id, event):
         return self.redis.hlen(f"caps:s:{{q{qid(client_id, event)}}}:rows")
+
+
+@skipIf(not redisserver.AVAILABLE, redisserver.skip_reason)
+class SharedReviewTests(_TwoBrokers, SynchronousTestCase):
+    """
+    The bugs a review of the shared brokers found, each with its
+    reproduction.
+    """
 
     def test_save_that_changes_nothing_does_not_hide_another_change(self):
         """
@@ -824,6 +835,164 @@ class SharedReviewTests(redisserver.OnSharedServer, SynchronousTestCase):
         self.cluster.result(self.b.publish("pickup", {}, b"{}"))
         self.cluster.settle()
         self.assertEqual(len(consumer.ids()), 1)
+
+
+@skipIf(not redisserver.AVAILABLE, redisserver.skip_reason)
+class SharedSecondReviewTests(_TwoBrokers, SynchronousTestCase):
+    """
+    What a second review found in the first one's fixes.
+    """
+
+    def test_lapse_learnt_although_an_answer_was_lost(self):
+        """
+        A broker given up for dead whose first heartbeat after it loses
+        its answer still learns of it at the next, and forgets what it
+        held.
+        """
+        held = self.consumer(self.a, prefetch=1, ack_timeout=30)
+        answer = self.cluster.result(self.b.publish("pickup", {}, b"{}"))
+        self.cluster.settle()
+        self.redis.delete(f"caps:s:alive:{self.a.store.broker_id}")
+        self.b.store._beat()
+        self.cluster.settle()
+        self.a.store._runner = runner = _Answers()
+        runner.lose = 1
+        self.a.store._beat()
+        self.clock.advance(0)
+        self.clock.advance(1)
+        self.cluster.settle()
+        # Forgotten, then claimed again for its consumer: sent a second
+        # time, held once.
+        self.assertEqual(held.ids(), [answer["messageId"]] * 2)
+        self.assertEqual(len(self.a._sessions[held].in_flight), 1)
+        self.flushLoggedErrors(ConnectionError)
+
+    def test_catch_up_refused_goes_on_after_the_heartbeat(self):
+        """
+        A getAll on a broker not beating yet waits for its heartbeat and
+        then sends everything, instead of answering 0.
+        """
+        for _ in range(3):
+            self.cluster.result(self.b.publish("pickup", {}, b"{}", to=["vendor"]))
+        self.redis.delete(f"caps:s:alive:{self.a.store.broker_id}")
+        vendor = RecordingConnection()
+        self.a.connect(vendor)
+        d = self.a.get_all(vendor, "vendor", "pickup")
+        self.cluster.settle()
+        self.assertNoResult(d)
+        self.clock.advance(1)
+        self.cluster.settle()
+        self.assertEqual(self.successResultOf(d)["count"], 3)
+
+    def test_requeue_does_not_move_a_message_twice(self):
+        """
+        Dead letters that die again while a long requeue goes on (claimed
+        on another broker, expired) are not moved again: it ends.
+        """
+        self.patch(sharedbroker, "CHUNK", 3)
+        for _ in range(7):
+            self.cluster.result(
+                self.a.publish("pickup", {}, b"{}", to=["driver"], ttl=1)
+            )
+        self.clock.advance(2)
+        self.cluster.settle()
+        self.assertEqual(self.rows("driver", "pickup.dead"), 7)
+        self.consumer(self.b)
+        answer = self.cluster.result(self.a.requeue("driver", "pickup"))
+        self.assertEqual(answer["requeued"], 7)
+
+    def test_publish_after_a_purge_is_not_purged(self):
+        """A publish asked after a purge, in the same pass, is not run before it."""
+        first = self.a.publish("pickup", {}, b"{}", to=["vendor"])
+        purged = self.a.purge("vendor", "pickup")
+        second = self.a.publish("pickup", {}, b"{}", to=["vendor"])
+        self.cluster.settle()
+        self.successResultOf(first)
+        self.assertEqual(self.successResultOf(purged), 1)
+        kept = self.successResultOf(second)["messageId"]
+        rows, _ = self.cluster.result(self.a.peek("vendor", "pickup"))
+        self.assertEqual([r["messageId"] for r in rows], [kept])
+
+    def test_expired_before_it_was_sent_is_not_counted(self):
+        """
+        A claimed message found expired before it is sent goes to the dead
+        letters as expired, with no delivery counted.
+        """
+        cluster = Cluster(self, 1, max_deliveries=1)
+        [broker] = cluster.brokers
+        cluster.result(broker.publish("pickup", {}, b"{}", to=["x"], ttl=1))
+        broker.store._runner = runner = _Answers()
+        x = RecordingConnection()
+        broker.connect(x)
+        runner.hold = True
+        broker.subscribe(x, "x", "pickup")
+        self.clock.advance(0)
+        self.clock.advance(2)
+        runner.release()
+        cluster.settle()
+        self.assertEqual(x.ids(), [])
+        rows, _ = cluster.result(broker.peek("x", "pickup.dead"))
+        self.assertEqual([r["deliveries"] for r in rows], [0])
+        [row] = self.redis.hvals(f"caps:s:{{q{qid('x', 'pickup.dead')}}}:rows")
+        self.assertIn(b'"expired"', row)
+
+    def test_failed_delete_routes_by_what_redis_has(self):
+        """
+        A delete that never reached Redis leaves the subscription there,
+        and the broker that asked routes by it again.
+        """
+        driver = self.consumer(self.b)
+        self.cluster.settle()
+        gone = RecordingConnection()
+        self.a.connect(gone)
+        self.a.store._runner = runner = _Answers()
+        runner.refuse = 1
+        d = self.a.unsubscribe(gone, "driver", "pickup", delete=True)
+        self.clock.advance(0)
+        self.failureResultOf(d, StoreUnavailable)
+        self.cluster.settle()
+        answer = self.cluster.result(self.a.publish("pickup", {}, b"{}"))
+        self.assertEqual(answer["queues"], 1)
+        self.cluster.settle()
+        self.assertEqual(driver.ids(), [answer["messageId"]])
+        self.flushLoggedErrors(ConnectionError)
+
+    def test_lost_claim_of_a_queue_deleted_and_made_again(self):
+        """
+        A lost claim of a queue deleted and made again meanwhile does not
+        give back what the new one's claim took.
+        """
+        cluster = Cluster(self, 2, max_deliveries=2)
+        a, b = cluster.brokers
+        first = RecordingConnection()
+        a.connect(first)
+        cluster.result(a.subscribe(first, "driver", "pickup", prefetch=5))
+        m = cluster.result(b.publish("pickup", {}, b"{}", to=["driver"]))["messageId"]
+        cluster.settle()
+        a.nack(first, "driver", "pickup", m)
+        cluster.settle()
+        a.nack(first, "driver", "pickup", m)
+        cluster.settle()
+        old = a._queues["driver", "pickup"]
+        a.store._runner = runner = _Answers()
+        runner.hold = True
+        a._woken(old)
+        self.clock.advance(0)
+        a.unsubscribe(first, "driver", "pickup", delete=True)
+        a.requeue("driver", "pickup")
+        second = RecordingConnection()
+        a.connect(second)
+        a.subscribe(second, "driver", "pickup", prefetch=5)
+        runner.pending.errback(ConnectionError("the answer was lost"))
+        self.clock.advance(1)
+        cluster.settle()
+        other = RecordingConnection()
+        b.connect(other)
+        cluster.result(b.subscribe(other, "driver", "pickup"))
+        cluster.settle()
+        self.assertEqual(second.ids(), [m])
+        self.assertEqual(other.ids(), [])
+        self.flushLoggedErrors(ConnectionError)
 
 
 @skipIf(not redisserver.AVAILABLE, redisserver.skip_reason)

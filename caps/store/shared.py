@@ -81,6 +81,8 @@ class SharedStore(WriterThread):
         # Leaving: nothing more goes to Redis after the LEAVE call
         self._closing = False
         self._broker = None
+        # Times Redis says this broker was given up for dead, as last heard
+        self._lapses = 0
         self._listen = listen
         self._events = None
         # Milliseconds this broker's heartbeat lasts in Redis.
@@ -113,7 +115,7 @@ class SharedStore(WriterThread):
             store = cls(url, clock, client, uuid.uuid4().hex[:12], how, runner, listen)
             # Alive before claiming anything: a broker with claims and no
             # heartbeat is given up for dead by the others.
-            store._run_now("beat", *store._beat_args())
+            store._lapses = store._run_now("beat", *store._beat_args())[3]
         except redis.RedisError as e:
             client.close()
             raise StoreError(f"caps-broker: cannot open store {name}: {e}") from None
@@ -284,9 +286,14 @@ class SharedStore(WriterThread):
         d.addCallbacks(self._beaten, self._beat_failed)
 
     def _beaten(self, answer):
-        reaped, returned, _, lapsed = answer[:4]
-        if lapsed and self._broker is not None:
-            self._broker.lapsed()
+        reaped, returned, _, lapses = answer[:4]
+        if lapses > self._lapses:
+            # Given up for dead since the last beat this broker heard (the
+            # count, not a flag: the answer of the beat that first saw it
+            # may have been lost).
+            self._lapses = lapses
+            if self._broker is not None:
+                self._broker.lapsed()
         if reaped:
             self.log.warn(
                 "{brokers} broker(s) sharing {store} stopped beating: "
@@ -341,6 +348,9 @@ class SharedStore(WriterThread):
 # appended), and how many of those must be equal to merge (a give-back's
 # time may differ by a little: the first one's is used).
 _MERGED = {"ack": (1, 1), "give": (3, 1), "publish": (4, 1)}
+# Calls nothing is merged across: a publish asked after a purge must not
+# run before it (and be purged), nor one after a subscription's save.
+_BARRIERS = {"purge", "delete", "requeue", "unclaim", "leave", "save", "subscriptions"}
 # Merged calls that answer one item for each op in them.
 _ITEMIZED = {"ack", "publish"}
 
@@ -348,13 +358,16 @@ _ITEMIZED = {"ack", "publish"}
 def _merge(ops):
     """
     The script calls for C{ops}, those of L{_MERGED} merged into the first
-    call of their kind; and, for each call, its script's name and the
-    indexes of the ops in it.
+    call of their kind since the last of L{_BARRIERS}; and, for each call,
+    its script's name and the indexes of the ops in it.
     """
     calls = []
     members = []
     first = {}
     for i, (name, args, _, _, _) in enumerate(ops):
+        if name in _BARRIERS:
+            # Nothing asked after it may run before it.
+            first.clear()
         shared = _MERGED.get(name)
         if shared is not None:
             head, key = shared

@@ -579,10 +579,11 @@ return version
 
 # ARGV: clientId, event, messageId, the broker's queue limit, 'all' or
 # 'one', how many at most (of all: a long dead-letter queue is moved in
-# several calls).  Moves
+# several calls), and (of all) the last seq the previous call moved.  Moves
 # dead letters of (clientId, event) that are not in flight back to that
 # queue at their places, delivery counts reset: the one, or all, as many
-# as the queue's limit allows.  Returns {moved, qid...}.
+# as the queue's limit allows.  Returns {moved, the last seq moved, whether
+# there may be more (1/0), qid...}.
 REQUEUE = (
     _PRELUDE
     + r"""
@@ -590,8 +591,13 @@ local client, event, all, id = ARGV[1], ARGV[2], ARGV[5] == 'all', ARGV[3]
 local dead = qid_of(client, event .. '.dead')
 local dready, drows, downed, ddeliveries, dids = qkeys(dead)
 local seqs
+local examined = 0
 if all then
-  seqs = redis.call('ZRANGE', dready, 0, tonumber(ARGV[6]) - 1)
+  -- After the cursor ARGV[7]: a message that dies again while the rest
+  -- are moved is not moved twice.
+  seqs = redis.call('ZRANGE', dready, '(' .. ARGV[7], '+inf', 'BYSCORE',
+                    'LIMIT', 0, tonumber(ARGV[6]))
+  examined = #seqs
 else
   seqs = {}
   local held = redis.call('HGET', dids, id)
@@ -604,7 +610,7 @@ else
   end
 end
 if #seqs == 0 then
-  return {0}
+  return {0, '0', 0}
 end
 local qid, length = ensure(client, event)
 local limit = tonumber(ARGV[4])
@@ -612,9 +618,10 @@ if length and length < limit then
   limit = length
 end
 local room = limit - redis.call('HLEN', P .. '{q' .. qid .. '}:rows')
-local moved = 0
+local moved, last, full = 0, '0', false
 for _, seq in ipairs(seqs) do
   if moved >= room then
+    full = true
     break
   end
   local row = take(dead, seq)
@@ -624,8 +631,13 @@ for _, seq in ipairs(seqs) do
     put(qid, seq, head .. rest, 0)
     moved = moved + 1
   end
+  last = seq
 end
-return notified({moved})
+local more = 0
+if all and not full and examined == tonumber(ARGV[6]) then
+  more = 1
+end
+return notified({moved, last, more})
 """
 )
 
@@ -633,18 +645,15 @@ return notified({moved})
 # messages to move at most, milliseconds its heartbeat lasts.  The broker's heartbeat: it renews its own,
 # gives back the messages of every broker whose heartbeat has lapsed, and
 # moves expired messages at the head of queues to their dead letters.
-# Returns {reaped brokers, messages given back, expired, whether this
-# broker had been given up for dead, qid...}.
+# Returns {reaped brokers, messages given back, expired, how many times
+# this broker has been given up for dead, qid...}.
 BEAT = (
     _PRELUDE
     + r"""
 local me, now, most, budget = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
--- Given up for dead since its last beat: another broker gave back what
--- it held.  (Its first beat, on joining, finds no record either.)
-local lapsed = 0
-if redis.call('HEXISTS', P .. 'brokers', me) == 0 then
-  lapsed = 1
-end
+-- How many times other brokers have given this one up for dead: the
+-- broker compares it with the last count it saw (an answer can be lost).
+local lapses = tonumber(redis.call('HGET', P .. 'lapses', me) or '0')
 redis.call('SET', P .. 'alive:' .. me, '1', 'PX', ARGV[6])
 redis.call('HSET', P .. 'brokers', me, ARGV[2])
 local brokers = redis.call('HKEYS', P .. 'brokers')
@@ -654,6 +663,7 @@ for _, broker in ipairs(brokers) do
     reaped = reaped + 1
     returned = returned + give_back_all(broker)
     redis.call('HDEL', P .. 'brokers', broker)
+    redis.call('HINCRBY', P .. 'lapses', broker, 1)
   end
 end
 for _, qid in ipairs(redis.call('SMEMBERS', P .. 'expiring')) do
@@ -676,7 +686,7 @@ for _, qid in ipairs(redis.call('SMEMBERS', P .. 'expiring')) do
     end
   end
 end
-return notified({reaped, returned, expired, lapsed})
+return notified({reaped, returned, expired, lapses})
 """
 )
 
@@ -723,6 +733,7 @@ local broker = ARGV[1]
 give_back_all(broker)
 redis.call('DEL', P .. 'alive:' .. broker)
 redis.call('HDEL', P .. 'brokers', broker)
+redis.call('HDEL', P .. 'lapses', broker)
 return notified({})
 """
 )
