@@ -20,6 +20,7 @@ Redis.  Every key of one queue carries the hash tag C{{q<qid>}}.
     caps:s:brokers                 hash: broker id -> its description
     caps:s:alive:<broker>          string, expiring: the broker's heartbeat
     caps:s:claims:<broker>         set: qids in which the broker holds messages
+    caps:s:lapses                  hash: broker id -> times it was given up for dead
     caps:s:{q<qid>}:rows           hash: seq -> the message (L{caps.store.redislayout.row})
     caps:s:{q<qid>}:ready          sorted set: seqs waiting for a consumer, in order
     caps:s:{q<qid>}:owned          hash: seq -> broker holding it in flight
