@@ -149,16 +149,20 @@ class SharedBroker(Broker):
         send, give back or time out any more (a consumer still holding one
         may acknowledge it; that goes to Redis).
         """
-        held = 0
+        # Out of every queue first, then out of the sessions: taking one
+        # back can send more (its session had been full), and nothing
+        # forgotten may be sent.
+        forgotten = []
         for queue in list(self._queues.values()):
             for entry in queue.entries():
-                if entry.removed:
-                    continue
-                queue.remove(entry.message.id)
-                entry.delayed = False
-                if entry.owner is not None:
-                    self._take_back(entry)
-                held += 1
+                if not entry.removed:
+                    queue.remove(entry.message.id)
+                    entry.delayed = False
+                    forgotten.append(entry)
+        for entry in forgotten:
+            if entry.owner is not None:
+                self._take_back(entry)
+        held = len(forgotten)
         self.log.warn(
             "this broker was given up for dead by the others (no heartbeat "
             "for {seconds} s); the {count} message(s) it held are theirs now",
