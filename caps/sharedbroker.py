@@ -35,7 +35,7 @@ from caps.publishing import QueueFull
 from caps.queue import Queue
 from caps.store import UNAVAILABLE, StoreUnavailable
 from caps.store.redislayout import message as read_row
-from caps.store.shared import RETRY_DELAY, _subscriptions
+from caps.store.shared import RETRY_DELAY, subscriptions_of
 from caps.store.sharedlayout import CHUNK, dead_qid, qid
 
 # Messages one claim takes at most: consumers on other brokers get their
@@ -197,7 +197,7 @@ class SharedBroker(Broker):
 
     def _got_subscriptions(self, answer):
         self._refreshing = False
-        version, metas = _subscriptions(answer)
+        version, metas = subscriptions_of(answer)
         for client_id, event, subscribed, flt, max_length in metas.values():
             queue = self._queues.get((client_id, event))
             if queue is None:

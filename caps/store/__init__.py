@@ -163,6 +163,35 @@ class IStore(Interface):
         """
 
 
+class NothingToRecord:
+    """
+    L{IStore}'s change methods for a store that writes nothing behind the
+    broker: the memory store (the state is the broker's own), and the
+    shared Redis store (the broker asks Redis first).
+    """
+
+    def queue_saved(self, queue):
+        pass
+
+    def queue_dropped(self, queue):
+        pass
+
+    def message_added(self, message, queues):
+        pass
+
+    def entry_removed(self, queue, message):
+        pass
+
+    def entry_added(self, queue, entry):
+        pass
+
+    def delivered(self, entry):
+        pass
+
+    def id_remembered(self, message_id, expires):
+        pass
+
+
 def open_store(description, clock, sync="full", window=None, durable=False):
     """
     Open the store described by C{memory}, C{sqlite:PATH} or a Redis URL

@@ -29,7 +29,12 @@ class WriterThread:
     L{Deferred}s waiting for it) and the next one building up (C{_ops},
     C{_waiters}).  Used by L{GroupCommit} and by the shared Redis store's
     link (L{caps.store.shared}).
+
+    @ivar commit_observers: callables told, on the reactor thread, the
+        seconds each batch took (the metrics' histogram).
     """
+
+    log = Logger()
 
     def __init__(self, clock, runner=None):
         self.clock = clock
@@ -39,6 +44,7 @@ class WriterThread:
         self._waiters = []
         # (ops, waiters) of the batch being written, or None
         self._writing = None
+        self.commit_observers = []
 
     @property
     def backlog(self):
@@ -63,6 +69,21 @@ class WriterThread:
         waiters.append(d)
         return d
 
+    def _observe(self, seconds):
+        """
+        Tell the commit observers how long a batch took.
+        """
+        if not isinstance(seconds, float):
+            # A runner of a test's that does not return the write's result.
+            return
+        for observer in list(self.commit_observers):
+            try:
+                observer(seconds)
+            except Exception:
+                self.log.failure(
+                    "commit observer {observer!r} failed", observer=observer
+                )
+
     def _run(self, f, *args):
         if self._runner is not None:
             return self._runner(f, *args)
@@ -83,8 +104,6 @@ class GroupCommit(WriterThread):
 
     @ivar available: False after a failed write, until a retry succeeds;
         the broker refuses changes meanwhile.
-    @ivar commit_observers: callables told, on the reactor thread, the
-        seconds each group commit took (the metrics' histogram).
     """
 
     log = Logger()
@@ -97,7 +116,6 @@ class GroupCommit(WriterThread):
         self._closed = False
         # Writing stopped for good (see stop_writing)
         self._stopped = False
-        self.commit_observers = []
 
     def _record(self, op, params):
         if self._closed or self._stopped:
@@ -183,21 +201,6 @@ class GroupCommit(WriterThread):
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.errback(StoreUnavailable(UNAVAILABLE))
-
-    def _observe(self, seconds):
-        """
-        Tell the commit observers how long a group commit took.
-        """
-        if not isinstance(seconds, float):
-            # A runner of a test's that does not return the write's result.
-            return
-        for observer in list(self.commit_observers):
-            try:
-                observer(seconds)
-            except Exception:
-                self.log.failure(
-                    "commit observer {observer!r} failed", observer=observer
-                )
 
     def close(self):
         """

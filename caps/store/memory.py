@@ -5,11 +5,11 @@ The memory store: the broker's state lives as long as the process.
 from twisted.internet import defer
 from zope.interface import implementer
 
-from caps.store import IStore, State
+from caps.store import IStore, NothingToRecord, State
 
 
 @implementer(IStore)
-class MemoryStore:
+class MemoryStore(NothingToRecord):
     """
     Keeps the state object itself: a broker made again on the same store
     (in the same process) finds every queue and message, with the messages
@@ -27,32 +27,11 @@ class MemoryStore:
     def load(self):
         return self._state
 
-    def queue_saved(self, queue):
-        pass
-
-    def queue_dropped(self, queue):
-        pass
-
-    def message_added(self, message, queues):
-        pass
-
-    def entry_removed(self, queue, message):
-        pass
-
-    def entry_added(self, queue, entry):
-        pass
-
-    def delivered(self, entry):
-        pass
-
     def load_entries(self, queue, after, limit, wait=False):
         return defer.succeed([])
 
     def remove_by_id(self, queue, message_id):
         return defer.succeed([])
-
-    def id_remembered(self, message_id, expires):
-        pass
 
     def pending(self):
         return None

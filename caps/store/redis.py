@@ -39,7 +39,7 @@ from caps.store import (
 from caps.store import redislayout as layout
 from caps.store.changes import RecordedChanges
 from caps.store.group import GroupCommit
-from caps.store.redisconnect import connect, shown, version
+from caps.store.redisconnect import connect, opening, shown, version
 from caps.store.redislayout import DEDUPE_KEY, LAYOUT, LAYOUT_KEY, LOCK_KEY, QUEUES_KEY
 from caps.store.schema import (
     SAVE_QUEUE,
@@ -124,7 +124,7 @@ WRITTEN_KEY = "caps:written"
 WRITER_KEY = "caps:written:by"
 
 
-def _check_durable(client, name):
+def check_durable(client, name):
     """
     How a durable write waits: C{"waitaof"} (Redis 7.2+) or C{"always"}
     (the server syncs every write before it answers); and how many
@@ -164,7 +164,7 @@ class RedisStore(GroupCommit, RecordedChanges):
     writer thread.
 
     @ivar durable: how confirmed writes wait beyond Redis accepting them:
-        L{None}, C{"waitaof"} or C{"always"} (see L{_check_durable}).
+        L{None}, C{"waitaof"} or C{"always"} (see L{check_durable}).
     @ivar replicas: with C{durable}, how many replicas the primary had at
         the last look (every L{LOCK_RENEW} seconds): a write waits for one
         if there is any.  A primary that lost its replicas (say, just after
@@ -214,26 +214,16 @@ class RedisStore(GroupCommit, RecordedChanges):
 
         @raise StoreError: with a one-line reason, the password left out.
         """
-        import redis
-
         name = shown(url)
         client = connect(url)
         token = f"{uuid.uuid4().hex} pid {os.getpid()}"
         if lock_wait is None:
             lock_wait = LOCK_TTL + 1.0
-        try:
-            if version(client) < (6, 2):
-                raise StoreError(f"caps-broker: {name} runs a Redis older than 6.2")
+        with opening(client, name):
             _check_layout(client, name)
-            how = _check_durable(client, name) if durable else None
+            how = check_durable(client, name) if durable else None
             epoch = _take_lock(client, token, name, lock_wait)
             written = int(client.get(WRITTEN_KEY) or 0)
-        except redis.RedisError as e:
-            client.close()
-            raise StoreError(f"caps-broker: cannot open store {name}: {e}") from None
-        except StoreError:
-            client.close()
-            raise
         return cls(url, clock, client, (token, epoch, written), runner, window, how)
 
     def load(self):
@@ -500,7 +490,7 @@ def _write(client, scripts, written, ops, now, durable, replicas):
     started = time.perf_counter()
     _transaction(scripts, written, layout.changes(ops, now))
     if durable is not None:
-        _wait_durable(client, durable, replicas > 0)
+        wait_durable(client, durable, replicas > 0)
     return time.perf_counter() - started
 
 
@@ -524,7 +514,7 @@ def _keep(client, renew, args, durable):
     return ours, (_replicas(client) if durable else None)
 
 
-def _wait_durable(client, how, replica):
+def wait_durable(client, how, replica):
     timeout = int(DURABLE_TIMEOUT * 1000)
     if how == "waitaof":
         local, replicas = client.execute_command("WAITAOF", 1, int(replica), timeout)

@@ -4,6 +4,7 @@ C{unix://}, C{redis+sentinel://}), the password kept out of sight, and the
 server's version.
 """
 
+import contextlib
 import os
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -104,3 +105,24 @@ def version(client):
     """
     text = client.info("server").get("redis_version", "0")
     return tuple(int(part) for part in str(text).split(".")[:2] if part.isdigit())
+
+
+@contextlib.contextmanager
+def opening(client, name):
+    """
+    Open a store on C{client}: a Redis older than 6.2, a Redis error or a
+    L{StoreError} inside closes the client and ends as a L{StoreError}
+    with a one-line reason naming C{name} (the password left out).
+    """
+    import redis
+
+    try:
+        if version(client) < (6, 2):
+            raise StoreError(f"caps-broker: {name} runs a Redis older than 6.2")
+        yield
+    except redis.RedisError as e:
+        client.close()
+        raise StoreError(f"caps-broker: cannot open store {name}: {e}") from None
+    except StoreError:
+        client.close()
+        raise

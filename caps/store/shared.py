@@ -27,11 +27,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from caps.queue import Queue
-from caps.store import UNAVAILABLE, State, StoreError, StoreUnavailable
+from caps.store import (
+    UNAVAILABLE,
+    NothingToRecord,
+    State,
+    StoreError,
+    StoreUnavailable,
+)
 from caps.store import sharedlayout as layout
 from caps.store.group import WriterThread
-from caps.store.redis import _check_durable, _wait_durable
-from caps.store.redisconnect import connect, shown, version
+from caps.store.redis import check_durable, wait_durable
+from caps.store.redisconnect import connect, opening, shown
 from caps.store.redislayout import LAYOUT_KEY
 
 # Seconds between tries after a failed round trip.
@@ -43,7 +49,7 @@ BEAT = 1.0
 EXPIRE_BUDGET = 1000
 
 
-class SharedStore(WriterThread):
+class SharedStore(WriterThread, NothingToRecord):
     """
     One broker's link to the Redis it shares with others.
 
@@ -65,7 +71,6 @@ class SharedStore(WriterThread):
         self.broker_id = broker_id
         self.durable, self.replicas = durable or (None, 0)
         self.available = True
-        self.commit_observers = []
         self.version = 0
         self.max_deliveries = 20
         self._url = url
@@ -103,25 +108,15 @@ class SharedStore(WriterThread):
 
         @raise StoreError: with a one-line reason, the password left out.
         """
-        import redis
-
         name = shown(url)
         client = connect(url)
-        try:
-            if version(client) < (6, 2):
-                raise StoreError(f"caps-broker: {name} runs a Redis older than 6.2")
+        with opening(client, name):
             _check_layout(client, name)
-            how = _check_durable(client, name) if durable else None
+            how = check_durable(client, name) if durable else None
             store = cls(url, clock, client, uuid.uuid4().hex[:12], how, runner, listen)
             # Alive before claiming anything: a broker with claims and no
             # heartbeat is given up for dead by the others.
             store._lapses = store._run_now("beat", *store._beat_args())[3]
-        except redis.RedisError as e:
-            client.close()
-            raise StoreError(f"caps-broker: cannot open store {name}: {e}") from None
-        except StoreError:
-            client.close()
-            raise
         return store
 
     def load(self):
@@ -130,7 +125,7 @@ class SharedStore(WriterThread):
         claims those as its consumers want them.
         """
         state = State()
-        self.version, metas = _subscriptions(self._run_now("subscriptions"))
+        self.version, metas = subscriptions_of(self._run_now("subscriptions"))
         for qid, (client_id, event, subscribed, flt, max_length) in metas.items():
             if not subscribed:
                 # Routed to by address only: the broker need not know it.
@@ -164,23 +159,6 @@ class SharedStore(WriterThread):
         to Redis.
         """
         return self._closing
-
-    # The write-behind contract's change methods: nothing to record.
-
-    def queue_saved(self, queue):
-        pass
-
-    def queue_dropped(self, queue):
-        pass
-
-    def entry_removed(self, queue, message):
-        pass
-
-    def entry_added(self, queue, entry):
-        pass
-
-    def delivered(self, entry):
-        pass
 
     # Calls
 
@@ -261,8 +239,7 @@ class SharedStore(WriterThread):
                 op[2].errback(answer)
             else:
                 op[2].callback(answer)
-        for observer in list(self.commit_observers):
-            observer(seconds)
+        self._observe(seconds)
         for waiter in waiters:
             waiter.callback(None)
         if self._ops and self._call is None:
@@ -424,7 +401,7 @@ def _round_trip(client, shas, ops, notify, durable, replicas):
         for i, answer in zip(missing, again, strict=True):
             answers[i] = answer
     if durable is not None:
-        _wait_durable(client, durable, replicas > 0)
+        wait_durable(client, durable, replicas > 0)
     return time.perf_counter() - started, answers
 
 
@@ -438,7 +415,7 @@ def _pipeline(client, shas, ops, notify):
     return answers[: len(ops)]
 
 
-def _subscriptions(answer):
+def subscriptions_of(answer):
     """
     The subscriptions version and every queue's record, from the
     C{subscriptions} script's answer.
