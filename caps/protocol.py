@@ -15,6 +15,7 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from caps import frames
+from caps.fastframes import parse_line
 from caps.gate import Gate, PayloadTooLarge
 from caps.limits import Admission, Limits
 from caps.replies import Replies, internal_error
@@ -234,7 +235,7 @@ class BrokerProtocol(LineReceiver, TimeoutMixin, Gate, Replies):
             return
         request_id = None
         try:
-            request_id, command = frames.parse_line(line)
+            request_id, command = parse_line(line)
             if self.guard is not None:
                 self.guard(command)
             handler, always, durable = _HANDLERS[type(command)]

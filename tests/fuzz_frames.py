@@ -9,6 +9,7 @@ Each input is:
 
   - parsed, up to its first newline, by L{caps.frames.parse_line}, which
     returns a command or raises L{caps.frames.ProtocolError}, nothing else;
+    where L{caps.fastframes} takes the line, its command is the same;
   - decoded by both JSON codecs (msgspec where installed, and the standard
     library's), which accept and refuse the same lines, with the same
     values (L{caps.codec} promises it);
@@ -30,6 +31,7 @@ import atheris
 
 with atheris.instrument_imports(include=["caps"]):
     import caps.codec
+    import caps.fastframes
     import caps.frames
     from caps.broker import Broker
     from caps.protocol import BrokerFactory
@@ -121,9 +123,12 @@ def _decode(loads, line):
 
 def _check_parser(line):
     try:
-        caps.frames.parse_line(line)
+        parsed = caps.frames.parse_line(line)
     except PROTOCOL_ERROR:
-        pass
+        parsed = "refused"
+    fast = caps.fastframes.fast(line)
+    if fast is not None and fast != parsed:
+        raise AssertionError(f"the fast path differs on {line!r}")
     results = [_decode(loads, line) for loads in _codecs]
     if any(result != results[0] for result in results):
         raise AssertionError(f"the codecs differ on {line!r}")
