@@ -196,7 +196,9 @@ class Fresh:
             message_id = message.id
             if not message_id.endswith(f"-{message.seq}"):
                 self._ids[message_id] = message.seq
-        if len(items) - self.unpacked > (UNPACKED_CONSUMED if consumed else UNPACKED):
+        limit = UNPACKED_CONSUMED if consumed else UNPACKED
+        # Counted from the first message neither packed nor taken.
+        if len(items) - self.unpacked > limit and len(items) - self.head > limit:
             self._pack_oldest()
 
     def _pack_oldest(self):
@@ -216,7 +218,7 @@ class Fresh:
         """
         items = self.items
         items.append(entry)
-        if len(items) - self.unpacked > UNPACKED:
+        if len(items) - self.unpacked > UNPACKED and len(items) - self.head > UNPACKED:
             self._pack_oldest()
 
     def first(self):
@@ -299,7 +301,9 @@ class Fresh:
         seq = self._ids.get(message_id)
         if seq is None:
             seq = _number(message_id)
-        if seq is not None:
+        if seq is not None and items and seq <= seq_of(items[-1]):
+            # (A message newer than every one held, as each one read back
+            # from a store is, is not looked for.)
             index = bisect.bisect_left(items, seq, self.head, len(items), key=seq_of)
             if index < len(items):
                 item = items[index]

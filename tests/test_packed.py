@@ -94,6 +94,26 @@ class PackTests(SynchronousTestCase):
             self.assertEqual(fresh.find("m1"), -1)
             self.assertEqual(fresh.count, 4)
 
+    def test_newest_unpacked_counted_from_the_head(self):
+        """A consumed queue packs a message only once more than UNPACKED_CONSUMED are ready, however many were taken from its front."""
+        packs = []
+        self.patch(packed, "pack", lambda *args: packs.append(args) or pack(*args))
+        fresh = Fresh("e")
+        limit = packed.UNPACKED_CONSUMED
+        seq = 0
+        for _ in range(3):
+            while fresh.count < limit:
+                seq += 1
+                fresh.append(Message(f"a-{seq}", "e", b"{}", seq, 1.5), True)
+            # A quarter taken: not enough for the list to be compacted.
+            while fresh.count > limit * 3 // 4:
+                fresh.popleft()
+        self.assertEqual(packs, [])
+        for _ in range(limit // 4 + 1):
+            seq += 1
+            fresh.append(Message(f"a-{seq}", "e", b"{}", seq, 1.5), True)
+        self.assertEqual(len(packs), 1)
+
     def test_take_and_pop(self):
         """Removing records from the middle keeps the rest findable, and taking from the front skips them."""
         self.patch(packed, "UNPACKED", 64)
