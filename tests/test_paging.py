@@ -15,8 +15,10 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from caps import packed
 from caps.broker import Broker
 from caps.frames import encode_json
+from caps.packed import pack
 from caps.store import StoreUnavailable
 from caps.store.redis import RedisStore
 from caps.store.sqlite import SQLiteStore
@@ -157,6 +159,20 @@ class PagingTests(_Paging, SynchronousTestCase):
         # Published once the tail is back in memory: straight to memory.
         self.publish(25)
         self.assertEqual((queue.in_memory, queue.spilled), (1, 0))
+
+    def test_read_back_stays_unpacked(self):
+        """A consumed queue reads its tail back in parts small enough that none of it is packed only to be unpacked when sent."""
+        self.patch(packed, "UNPACKED_CONSUMED", 8)
+        packs = []
+        self.patch(packed, "pack", lambda *args: packs.append(args) or pack(*args))
+        self.open_broker(window=20)
+        for n in range(60):
+            self.publish(n)
+        self.turn()
+        conn = RecordingConnection()
+        self.broker.connect(conn)
+        self.assertEqual(self.consume(conn, 60), list(range(60)))
+        self.assertEqual(packs, [])
 
     def test_publish_while_draining(self):
         """Messages published while the tail is on disk come after it."""
