@@ -13,7 +13,22 @@ import time
 
 from caps.redisserver import AVAILABLE, HOST, RedisServer, free_port, skip_reason
 
-__all__ = ["AVAILABLE", "HOST", "RedisServer", "free_port", "shared", "skip_reason"]
+__all__ = [
+    "AVAILABLE",
+    "HOST",
+    "PRIMARY",
+    "RedisServer",
+    "aof_rewritten",
+    "free_port",
+    "shared",
+    "skip_reason",
+]
+
+# Arguments for a server a test's replica will follow.  Redis 7 holds a
+# replica's first full sync for repl-diskless-sync-delay (5 s by default)
+# in case more replicas come to share the transfer; with one replica that
+# is 5 s spent idle in replicated(), so it starts at once.
+PRIMARY = ("--repl-diskless-sync-delay", "0")
 
 _shared = None
 _shared_lock = threading.Lock()
@@ -50,6 +65,27 @@ def replicated(primary, timeout=10.0):
         acknowledged = client.execute_command("WAIT", 1, int(timeout * 1000))
         client.delete("caps:test:replicated")
     return acknowledged
+
+
+def aof_rewritten(server, timeout=10.0):
+    """
+    Wait until C{server} has no append-only file rewrite running or
+    scheduled.  A replica rewrites its file right after its first full
+    sync, and Redis refuses a SIGTERM until that is done ("Writing initial
+    AOF, can't exit"), so stopping a replica stopped (SIGSTOP) before then
+    costs L{caps.redisserver.STOP_TIMEOUT} and a SIGKILL.
+
+    @raise AssertionError: if one is still running after C{timeout} s.
+    """
+    deadline = time.monotonic() + timeout
+    with server.client() as client:
+        while True:
+            info = client.info("persistence")
+            if not (info["aof_rewrite_in_progress"] or info["aof_rewrite_scheduled"]):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"an AOF rewrite still runs after {timeout} s")
+            time.sleep(0.01)
 
 
 class SentinelEvents:

@@ -138,13 +138,16 @@ class DurableReplicaTests(SynchronousTestCase):
     def test_replica_joined_after_start(self):
         """--redis-durable waits for a replica that connected after the broker started, from its next count of replicas (every second)."""
         self.patch(redis_store, "DURABLE_TIMEOUT", 0.2)
-        primary = _server(self)
+        primary = _server(self, *redisserver.PRIMARY)
         clock = Clock()
         clock.advance(START)
         store = RedisStore.open(primary.url, clock, runner=synchronous, durable=True)
         self.addCleanup(store.close)
         replica = _server(self, "--replicaof", redisserver.HOST, primary.port)
         self.assertEqual(redisserver.replicated(primary), 1)
+        # Not stopped while it writes its first AOF (its SIGTERM would be
+        # refused at cleanup).
+        redisserver.aof_rewritten(replica)
         # The store counts the primary's replicas every second.
         clock.advance(redis_store.LOCK_RENEW)
         # The replica stops taking anything (a hung machine).

@@ -41,7 +41,7 @@ class SentinelTests(SynchronousTestCase):
         return server
 
     def setUp(self):
-        self.primary = self.start()
+        self.primary = self.start(*redisserver.PRIMARY)
         self.replica = self.start("--replicaof", redisserver.HOST, self.primary.port)
         self.assertEqual(redisserver.replicated(self.primary, WAIT), 1)
         self.sentinels = [
