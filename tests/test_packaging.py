@@ -1,6 +1,10 @@
 """
 The package as a user gets it: a fresh virtual environment, `pip install`
 of this checkout, and twistd finding the caps-broker plugin from anywhere.
+
+A module-level test, so pytest runs it and trial does not collect it: it
+starts no broker, so trial's CAPS_JSON=stdlib changes nothing in it, and a
+second run would only repeat the same 17-21 s venv and pip install.
 """
 
 import os
@@ -8,17 +12,12 @@ import subprocess
 import tempfile
 import venv
 
-from twisted.trial.unittest import SynchronousTestCase
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class PackagingTests(SynchronousTestCase):
-    def test_fresh_venv_finds_plugin(self):
-        """After pip install . in a new venv, twistd lists caps-broker, run from another directory."""
-        scratch = tempfile.TemporaryDirectory(prefix="caps-packaging-")
-        self.addCleanup(scratch.cleanup)
-        home = scratch.name
+def test_fresh_venv_finds_plugin():
+    """After pip install . in a new venv, twistd lists caps-broker, run from another directory."""
+    with tempfile.TemporaryDirectory(prefix="caps-packaging-") as home:
         env_dir = os.path.join(home, "venv")
         venv.EnvBuilder(with_pip=True).create(env_dir)
         python = os.path.join(env_dir, "bin", "python")
@@ -39,7 +38,7 @@ class PackagingTests(SynchronousTestCase):
             env=env,
             timeout=600,
         )
-        self.assertEqual(install.returncode, 0, install.stderr.decode())
+        assert install.returncode == 0, install.stderr.decode()
         listing = subprocess.run(
             [os.path.join(env_dir, "bin", "twistd"), "--help"],
             capture_output=True,
@@ -47,8 +46,8 @@ class PackagingTests(SynchronousTestCase):
             env=env,
             timeout=120,
         )
-        self.assertEqual(listing.returncode, 0, listing.stderr.decode())
-        self.assertIn(b"caps-broker", listing.stdout)
+        assert listing.returncode == 0, listing.stderr.decode()
+        assert b"caps-broker" in listing.stdout
         where = subprocess.run(
             [
                 python,
@@ -60,4 +59,4 @@ class PackagingTests(SynchronousTestCase):
             env=env,
             timeout=120,
         )
-        self.assertTrue(where.stdout.decode().startswith(env_dir), where)
+        assert where.stdout.decode().startswith(env_dir), where
