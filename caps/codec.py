@@ -49,6 +49,42 @@ _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _ascii = json.JSONEncoder(separators=(",", ":"))
 
 
+#: Arrays and objects nested deeper than this are refused.  A decoder runs
+#: out of stack somewhere near 1,000 levels, depending on how deep its
+#: caller is; a fixed limit well below makes the answer the same from any
+#: caller, and leaves room to encode whatever was decoded.
+MAX_DEPTH = 512
+_TOO_DEEP = "the JSON is nested too deeply"
+
+
+def depth(value):
+    """
+    How deeply a JSON value is nested (a scalar is 0), without recursion.
+    """
+    deepest = 0
+    stack = [(value, 0)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, dict):
+            value = value.values()
+        elif not isinstance(value, list):
+            continue
+        level += 1
+        deepest = max(deepest, level)
+        stack.extend((item, level) for item in value)
+    return deepest
+
+
+def _check_depth(line, value):
+    """
+    Raise L{JSONError} if C{value}, decoded from C{line}, is nested deeper
+    than L{MAX_DEPTH}; a line with fewer brackets cannot be.
+    """
+    if line.count(b"[") + line.count(b"{") > MAX_DEPTH and depth(value) > MAX_DEPTH:
+        raise JSONError(_TOO_DEEP)
+    return value
+
+
 def stdlib_loads(line):
     """
     Decode one line of UTF-8 JSON text with the standard library.
@@ -56,11 +92,11 @@ def stdlib_loads(line):
     @raise JSONError: if it is not valid JSON.
     """
     try:
-        return _decoder.decode(line.decode("utf-8"))
+        value = _decoder.decode(line.decode("utf-8"))
     except UnicodeDecodeError:
         raise JSONError("the line is not valid UTF-8") from None
     except RecursionError:
-        raise JSONError("the JSON is nested too deeply") from None
+        raise JSONError(_TOO_DEEP) from None
     except ValueError as e:
         # JSONDecodeError, NaN/Infinity, or an integer too long to convert
         # (whose message tells how to raise Python's limit: not for
@@ -71,6 +107,7 @@ def stdlib_loads(line):
                 f"{sys.get_int_max_str_digits()} digits"
             ) from None
         raise JSONError(f"the line is not valid JSON: {e}") from None
+    return _check_depth(line, value)
 
 
 def stdlib_dumps(value):
@@ -104,9 +141,10 @@ def with_msgspec(msgspec):
 
     def loads(line):
         try:
-            return fast_loads(line)
+            value = fast_loads(line)
         except refused:
             return stdlib_loads(line)
+        return _check_depth(line, value)
 
     def dumps(value):
         try:

@@ -25,6 +25,7 @@ _MAX_MESSAGE_ID = frames.MAX_MESSAGE_ID
 _MAX_SECONDS = frames.MAX_SECONDS
 _parse_line = frames.parse_line
 _encode = codec.dumps
+_MAX_DEPTH = codec.MAX_DEPTH
 
 
 def _typed_parser(msgspec):
@@ -48,6 +49,10 @@ def _typed_parser(msgspec):
     decode_frame = msgspec.json.Decoder(Frame).decode
 
     def fast(line):
+        if line.count(b"[") + line.count(b"{") > _MAX_DEPTH:
+            # Perhaps nested too deeply (codec.MAX_DEPTH): left to
+            # parse_line, which says so.
+            return None
         try:
             frame = decode_frame(line)
         except refused:

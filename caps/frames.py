@@ -264,28 +264,10 @@ def _queue_fields(payload, request_id, dead_letters=True):
     return client_id, event
 
 
-def _depth(value):
-    """
-    How deeply a JSON value is nested (a scalar is 0), without recursion.
-    """
-    deepest = 0
-    stack = [(value, 0)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, dict):
-            value = value.values()
-        elif not isinstance(value, list):
-            continue
-        depth += 1
-        deepest = max(deepest, depth)
-        stack.extend((item, depth) for item in value)
-    return deepest
-
-
 def _subscribe(frame, payload, request_id):
     client_id, event = _queue_fields(payload, request_id)
     flt = _field(payload, "filter", dict, "payload.", request_id, required=False)
-    if flt and _depth(flt) > MAX_FILTER_DEPTH:
+    if flt and codec.depth(flt) > MAX_FILTER_DEPTH:
         raise BadFrame(
             f"field payload.filter may be nested at most {MAX_FILTER_DEPTH} deep",
             request_id,

@@ -93,6 +93,31 @@ class CodecTests(SynchronousTestCase):
             for value, encoded in ENCODED:
                 self.assertEqual(dumps(value), encoded, (name, value))
 
+    def test_depth_limit(self):
+        """Nesting up to MAX_DEPTH is decoded and encoded again, one level more is refused, from any depth of the caller's stack."""
+
+        def at_stack_depth(frames, loads, dumps, line):
+            if frames:
+                return at_stack_depth(frames - 1, loads, dumps, line)
+            try:
+                return dumps(loads(line))
+            except codec.JSONError as e:
+                return str(e)
+
+        for name, loads, dumps in CODECS:
+            for depth in (codec.MAX_DEPTH - 1, codec.MAX_DEPTH, codec.MAX_DEPTH + 1):
+                line = b'{"a":' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+                answers = {
+                    repr(at_stack_depth(frames, loads, dumps, line))
+                    for frames in (0, 200, 400)
+                }
+                expected = (
+                    line
+                    if depth <= codec.MAX_DEPTH
+                    else "the JSON is nested too deeply"
+                )
+                self.assertEqual(answers, {repr(expected)}, (name, depth))
+
     def test_too_deep_to_encode(self):
         """A value nested too deeply to encode is refused by every codec."""
         deep = []

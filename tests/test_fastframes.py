@@ -4,6 +4,7 @@ gives, for every line it takes.
 """
 
 import json
+import sys
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -121,6 +122,20 @@ class FastFramesTests(SynchronousTestCase):
         line = b'{"event":"order","to":"acme","to":["driver-1"],"payload":{"a":1}}'
         self.assertEqual(fastframes.fast(line), frames.parse_line(line))
         self.assertEqual(fastframes.fast(line)[1].to, ("driver-1",))
+
+    def test_nested_deeply(self):
+        """At every depth of nesting up to past the recursion limit, a publish and an acknowledgement parse as parse_line parses them."""
+        for depth in range(sys.getrecursionlimit() + 10):
+            nested = b"[" * depth + b"]" * depth
+            for line in [
+                b'{"event":"order","payload":{"x":' + nested + b"}}",
+                b'{"event":"received","payload":{"clientId":"acme",'
+                b'"event":"order","messageId":"m","x":' + nested + b"}}",
+            ]:
+                fast = fastframes.fast(line)
+                if fast is not None:
+                    self.assertEqual(fast, _parse(line))
+                    self.assertLessEqual(depth, codec.MAX_DEPTH)
 
     def test_unknown_field_not_utf8(self):
         """A line with an unknown field that is not UTF-8 gets parse_line's bad-json error."""
