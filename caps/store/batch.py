@@ -17,97 +17,95 @@ is a barrier: what came before it is written first, then it, in order.
 
 from caps.store import schema
 
-# Entry states within a run of folded changes
-_NEW = "new"  # not in the file before the run: INSERT
-_UPDATED = "updated"  # in the file: UPDATE its delivery count
-_DELETED = "deleted"  # in the file: DELETE
+_ADD_ENTRY = schema.ADD_ENTRY
+_DELIVERED = schema.DELIVERED
+_REMOVE_ENTRY = schema.REMOVE_ENTRY
+_REMEMBER_ID = schema.REMEMBER_ID
 # Where the delivery count is in an ADD_ENTRY row
 _DELIVERIES = 7
+
+
+class _Deleted:
+    """
+    A row in the file before the run, deleted: C{rest} is what else the
+    store records of a removal (Redis: the messageId), after C{(qid, seq)}.
+    """
+
+    __slots__ = ("rest",)
+
+    def __init__(self, rest):
+        self.rest = rest
 
 
 def coalesce(ops):
     """
     Reduce a batch of changes to statements with the same end result.
 
+    This runs on the writer thread for every message, holding the GIL the
+    reactor needs: it is one loop, and a row's state within a run is the
+    type of what it maps to (an C{ADD_ENTRY} row, a tuple: new in the
+    run, inserted; a delivery count, an int: in the file, updated; a
+    L{_Deleted}: in the file, deleted).
+
     @param ops: C{(sql, params)} pairs, in the order they were made, using
         the statements of L{caps.store.schema}.
     @return: C{(sql, rows)} pairs to run in order with C{executemany}.
     """
     out = []
-    run = _Run()
+    entries = {}
+    remembered = {}
     for sql, params in ops:
-        fold = run.folds.get(sql)
-        if fold is not None:
-            fold(*params)
-            continue
-        run.write(out)
-        run = _Run()
-        out.append((sql, [params]))
-    run.write(out)
+        if sql == _ADD_ENTRY:
+            # Only at publish, for a message new in this batch.
+            entries[params[0], params[1]] = params
+        elif sql == _DELIVERED:
+            deliveries, qid, seq = params
+            key = (qid, seq)
+            row = entries.get(key)
+            cls = row.__class__
+            if cls is tuple:
+                entries[key] = (
+                    row[:_DELIVERIES] + (deliveries,) + row[_DELIVERIES + 1 :]
+                )
+            elif cls is not _Deleted:
+                entries[key] = deliveries
+        elif sql == _REMOVE_ENTRY:
+            key = (params[0], params[1])
+            if entries.get(key).__class__ is tuple:
+                del entries[key]
+            else:
+                entries[key] = _Deleted(params[2:])
+        elif sql == _REMEMBER_ID:
+            remembered[params[0]] = params[1]
+        else:
+            # A barrier: what came before first, then it.
+            _write(out, entries, remembered)
+            entries = {}
+            remembered = {}
+            out.append((sql, [params]))
+    _write(out, entries, remembered)
     return out
 
 
-class _Run:
+def _write(out, entries, remembered):
     """
-    The folded result of a run of hot-path changes.
+    Append a run's statements to C{out}: inserts, updates, then deletes,
+    each kind in one C{executemany}; then the messageIds remembered.
     """
-
-    def __init__(self):
-        # (qid, seq) -> [state, row (inserted) or delivery count (updated)]
-        self.entries = {}
-        # id -> expires; the last one counts
-        self.remembered = {}
-        self.folds = {
-            schema.ADD_ENTRY: self.add_entry,
-            schema.DELIVERED: self.delivered,
-            schema.REMOVE_ENTRY: self.remove_entry,
-            schema.REMEMBER_ID: self.remember,
-        }
-
-    def add_entry(self, qid, seq, *rest):
-        # Only at publish, for a message new in this batch.
-        self.entries[qid, seq] = [_NEW, [qid, seq, *rest]]
-
-    def delivered(self, deliveries, qid, seq):
-        entry = self.entries.get((qid, seq))
-        if entry is None:
-            self.entries[qid, seq] = [_UPDATED, deliveries]
-        elif entry[0] == _NEW:
-            entry[1][_DELIVERIES] = deliveries
+    inserted, updated, deleted = [], [], []
+    for (qid, seq), value in entries.items():
+        cls = value.__class__
+        if cls is tuple:
+            inserted.append(value)
+        elif cls is int:
+            updated.append((value, qid, seq))
         else:
-            entry[1] = deliveries
-
-    def remove_entry(self, qid, seq, *rest):
-        # rest: what else a store records of a removal (Redis: the
-        # messageId), written after (qid, seq).
-        key = (qid, seq)
-        entry = self.entries.get(key)
-        if entry is not None and entry[0] == _NEW:
-            del self.entries[key]
-        else:
-            self.entries[key] = [_DELETED, rest]
-
-    def remember(self, message_id, expires):
-        self.remembered[message_id] = expires
-
-    def write(self, out):
-        """
-        Append this run's statements to C{out}: inserts, updates, then
-        deletes, each kind in one C{executemany}.
-        """
-        inserted, updated, deleted = [], [], []
-        for (qid, seq), (state, value) in self.entries.items():
-            if state == _DELETED:
-                deleted.append((qid, seq, *value))
-            elif state == _UPDATED:
-                updated.append((value, qid, seq))
-            else:
-                inserted.append(value)
-        for sql, rows in (
-            (schema.ADD_ENTRY, inserted),
-            (schema.DELIVERED, updated),
-            (schema.REMOVE_ENTRY, deleted),
-            (schema.REMEMBER_ID, list(self.remembered.items())),
-        ):
-            if rows:
-                out.append((sql, rows))
+            deleted.append((qid, seq, *value.rest))
+    for sql, rows in (
+        (_ADD_ENTRY, inserted),
+        (_DELIVERED, updated),
+        (_REMOVE_ENTRY, deleted),
+        (_REMEMBER_ID, list(remembered.items())),
+    ):
+        if rows:
+            out.append((sql, rows))
