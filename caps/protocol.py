@@ -49,9 +49,10 @@ class _Valve:
         self.protocol.broker.pause(self.protocol)
 
     def resumeProducing(self):
-        self.protocol.send_paused = False
-        self.protocol.unread = 0
-        self.protocol.broker.resume(self.protocol)
+        protocol = self.protocol
+        protocol.send_paused = False
+        protocol.unread = 0
+        protocol.factory.holding_writes(protocol.broker.resume, protocol)
 
     def stopProducing(self):
         pass
@@ -81,6 +82,8 @@ class BrokerProtocol(LineReceiver, TimeoutMixin, Gate, Replies):
         )
         self.callLater = self.broker.clock.callLater
         self._abort = None
+        # What was written while the factory holds writes (see _write)
+        self._held = None
         refusal = self.factory.admission.admit(self.address)
         self.admitted = refusal is None
         if not self.admitted:
@@ -124,11 +127,43 @@ class BrokerProtocol(LineReceiver, TimeoutMixin, Gate, Replies):
         """
         if self.transport.disconnecting:
             return
+        self._write_held()
         self.transport.write(line)
         self.transport.loseConnection()
         self._abort = self.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
+    def _write(self, data):
+        """
+        Write C{data} now, or, while the factory holds writes (handling
+        what one read brought), at the end of that, joined with whatever
+        else this connection was sent meanwhile: one transport write for
+        a read's worth of replies and deliveries instead of one each.
+        """
+        held = self._held
+        if held is not None:
+            held.append(data)
+            return
+        holders = self.factory.holders
+        if holders is None:
+            self.transport.write(data)
+        else:
+            self._held = [data]
+            holders.append(self)
+
+    def _write_held(self):
+        """
+        Write what was held, if anything (before closing, and at the end
+        of the factory's hold).
+        """
+        held = self._held
+        if held is not None:
+            self._held = None
+            self.transport.write(b"".join(held))
+
     def dataReceived(self, data):
+        self.factory.holding_writes(self._data_received, data)
+
+    def _data_received(self, data):
         """
         Split what arrived into lines in one pass (L{LineReceiver}'s own
         C{dataReceived} searches the rest of the buffer again after every
@@ -361,7 +396,7 @@ class BrokerProtocol(LineReceiver, TimeoutMixin, Gate, Replies):
             parts.append(b',"deadLetter":')
             parts.append(frames.encode_json({"reason": reason, "time": _iso(died)}))
         parts.append(b"}\n")
-        self.transport.write(b"".join(parts))
+        self._write(b"".join(parts))
 
 
 # command type -> (handler, whether to answer a frame without id, whether
@@ -411,3 +446,21 @@ class BrokerFactory(Factory):
         self.portal = portal
         self.limits = limits or Limits()
         self.admission = Admission(self.limits)
+        # While not None: the connections whose writes are held
+        self.holders = None
+
+    def holding_writes(self, f, *args):
+        """
+        Call C{f(*args)}, holding every connection's writes until it
+        returns (see L{BrokerProtocol._write}); within a hold already, just
+        call it.
+        """
+        if self.holders is not None:
+            return f(*args)
+        self.holders = holders = []
+        try:
+            return f(*args)
+        finally:
+            self.holders = None
+            for protocol in holders:
+                protocol._write_held()

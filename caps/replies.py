@@ -17,8 +17,9 @@ MAX_UNREAD = 8 * 1024 * 1024
 class Replies:
     """
     The replies half of a connection.  Uses the protocol's C{broker},
-    C{transport}, C{peer}, C{log}, C{send_paused} and C{unread}, and its
-    C{_replies}, C{_durable_batch} and C{_durable_slots}.
+    C{transport}, C{peer}, C{log}, C{send_paused}, C{unread}, C{_write()}
+    and C{_write_held()}, and its C{_replies}, C{_durable_batch} and
+    C{_durable_slots}.
     """
 
     def _refused(self, e):
@@ -58,6 +59,7 @@ class Replies:
             slot[:2] = [result, True]
             self._write_ready()
             if closes:
+                self._write_held()
                 self.transport.loseConnection()
 
         reply.addBoth(done)
@@ -130,7 +132,7 @@ class Replies:
                     )
                     self.transport.abortConnection()
                 return
-        self.transport.write(line)
+        self._write(line)
 
 
 def internal_error(request_id):

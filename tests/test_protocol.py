@@ -541,6 +541,100 @@ class ProtocolDeliveryControlTests(SynchronousTestCase):
         )
 
 
+class _CountingTransport(StringTransport):
+    """
+    A StringTransport that counts its writes.
+    """
+
+    writes = 0
+
+    def write(self, data):
+        self.writes += 1
+        super().write(data)
+
+
+class HeldWritesTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.broker = Broker(self.clock)
+        self.factory = BrokerFactory(self.broker, max_line=100)
+        self.ports = iter(range(40000, 50000))
+
+    def connect(self):
+        client = Client.__new__(Client)
+        port = next(self.ports)
+        address = IPv4Address("TCP", "127.0.0.1", port)
+        client.protocol = self.factory.buildProtocol(address)
+        client.transport = _CountingTransport(peerAddress=address)
+        client.protocol.makeConnection(client.transport)
+        return client
+
+    def test_one_write_per_read(self):
+        """The replies and deliveries that one read brings about go out in one write per connection, in order."""
+        consumer, producer = self.connect(), self.connect()
+        consumer.send(frame("subscribe", {"clientId": "driver", "event": "pickup"}))
+        consumer.frames()
+        writes = (consumer.transport.writes, producer.transport.writes)
+        producer.send(
+            b"".join(frame("pickup", {"n": n}, to="driver", id=n) for n in range(20))
+        )
+        self.assertEqual(
+            (consumer.transport.writes, producer.transport.writes),
+            (writes[0] + 1, writes[1] + 1),
+        )
+        self.assertEqual([f["id"] for f in producer.frames()], list(range(20)))
+        self.assertEqual(
+            [f["payload"]["n"] for f in consumer.frames()], list(range(20))
+        )
+
+    def test_outside_a_read_at_once(self):
+        """A delivery brought about by time, not by a read, goes out at once."""
+        consumer, producer = self.connect(), self.connect()
+        consumer.send(
+            frame(
+                "subscribe",
+                {"clientId": "driver", "event": "pickup", "ackTimeout": 5},
+            )
+        )
+        producer.send(frame("pickup", {"n": 1}, to="driver"))
+        [first] = consumer.frames()
+        self.clock.advance(5)
+        [again] = consumer.frames()
+        self.assertEqual(
+            (again["messageId"], again["redelivered"]), (first["messageId"], True)
+        )
+
+    def test_held_replies_before_closing(self):
+        """Replies held for the end of a read go out before the error that closes the connection."""
+        client = self.connect()
+        client.send(
+            frame("ping", id=1)
+            + frame("ping", id=2)
+            + b'{"event":"ping","payload":"'
+            + b"y" * 200
+            + b'"}\n'
+        )
+        self.assertEqual(
+            [(f["event"], f.get("id")) for f in client.frames()],
+            [("pong", 1), ("pong", 2), ("error", None)],
+        )
+        self.assertTrue(client.transport.disconnecting)
+
+    def test_resumed_deliveries_in_one_write(self):
+        """Deliveries held back by a full send buffer go out in one write when it drains."""
+        consumer, producer = self.connect(), self.connect()
+        consumer.send(frame("subscribe", {"clientId": "driver", "event": "pickup"}))
+        consumer.frames()
+        consumer.transport.producer.pauseProducing()
+        for n in range(5):
+            producer.send(frame("pickup", {"n": n}, to="driver"))
+        self.assertEqual(consumer.frames(), [])
+        writes = consumer.transport.writes
+        consumer.transport.producer.resumeProducing()
+        self.assertEqual(consumer.transport.writes, writes + 1)
+        self.assertEqual([f["payload"]["n"] for f in consumer.frames()], list(range(5)))
+
+
 class _SlowStore(MemoryStore):
     """
     A memory store that says it is behind until told to catch up.
