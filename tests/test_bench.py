@@ -110,6 +110,19 @@ def test_stall_smoke(tmp_path):
     assert {r["messages"] for r in rows} == {2000}
 
 
+class LoopbackTests(SynchronousTestCase):
+    def test_loopback(self):
+        """python -m caps.bench.loopback has every message published, delivered and acknowledged, through the broker and through the relay."""
+        for extra in ([], ["--relay"]):
+            result = subprocess.run(
+                [sys.executable, "-m", "caps.bench.loopback", "-n", "2000", *extra],
+                capture_output=True,
+                timeout=120,
+            )
+            self.assertEqual(result.returncode, 0, result.stderr.decode())
+            self.assertIn(b"2,000 messages acknowledged", result.stdout)
+
+
 class OptionsTests(SynchronousTestCase):
     def settings(self, *argv, fd_limit=20_000, orjson_present=True, redis_missing=None):
         options = bench.Options()
