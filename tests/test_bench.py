@@ -112,8 +112,12 @@ def test_stall_smoke(tmp_path):
 
 class LoopbackTests(SynchronousTestCase):
     def test_loopback(self):
-        """python -m caps.bench.loopback has every message published, delivered and acknowledged, through the broker and through the relay."""
-        for extra in ([], ["--relay"]):
+        """python -m caps.bench.loopback has every message published, delivered and acknowledged: through the broker, through the relay, and as a catch-up on SQLite."""
+        for extra in (
+            [],
+            ["--relay"],
+            ["--store", "sqlite-normal", "--catch-up", "--window", "300"],
+        ):
             result = subprocess.run(
                 [sys.executable, "-m", "caps.bench.loopback", "-n", "2000", *extra],
                 capture_output=True,
