@@ -159,7 +159,9 @@ class Fresh:
         every item is taken, C{items} is emptied (and C{head} and
         C{unpacked} are 0): a queue checks that before calling
         L{popleft}, on its hot path.
-    @ivar unpacked: no message before this index is left unpacked.
+    @ivar unpacked: no message before this index is left unpacked; never
+        less than C{head}, so that the newest messages left unpacked are
+        counted from the first one not taken.
     @ivar _ids: messageId -> sequence number, for the messages whose
         messageId does not end in "-<sequence number>".
     @ivar _event: the queue's event, left out of records.
@@ -196,9 +198,7 @@ class Fresh:
             message_id = message.id
             if not message_id.endswith(f"-{message.seq}"):
                 self._ids[message_id] = message.seq
-        limit = UNPACKED_CONSUMED if consumed else UNPACKED
-        # Counted from the first message neither packed nor taken.
-        if len(items) - self.unpacked > limit and len(items) - self.head > limit:
+        if len(items) - self.unpacked > (UNPACKED_CONSUMED if consumed else UNPACKED):
             self._pack_oldest()
 
     def _pack_oldest(self):
@@ -206,7 +206,7 @@ class Fresh:
         Pack the oldest message left unpacked.
         """
         items = self.items
-        index = max(self.unpacked, self.head)
+        index = self.unpacked
         message = items[index]
         self.unpacked = index + 1
         if message.__class__ is Message:
@@ -218,7 +218,7 @@ class Fresh:
         """
         items = self.items
         items.append(entry)
-        if len(items) - self.unpacked > UNPACKED and len(items) - self.head > UNPACKED:
+        if len(items) - self.unpacked > UNPACKED:
             self._pack_oldest()
 
     def first(self):
@@ -234,6 +234,8 @@ class Fresh:
             cls = item.__class__
             if cls is bytes or cls is Message or (cls is not int and not item.removed):
                 self.head = head
+                if self.unpacked < head:
+                    self.unpacked = head
                 return item
             items[head] = None
             head += 1
@@ -281,6 +283,8 @@ class Fresh:
                 del items[:head]
                 self.unpacked = max(0, self.unpacked - head)
                 head = 0
+            elif self.unpacked < head:
+                self.unpacked = head
             self.head = head
             return item
         items.clear()
