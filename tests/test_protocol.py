@@ -30,9 +30,9 @@ class Client:
     One connection to the broker over a StringTransport.
     """
 
-    def __init__(self, factory, port, host="127.0.0.1"):
+    def __init__(self, factory, port, host="127.0.0.1", transport=StringTransport):
         self.protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
+        self.transport = transport(peerAddress=IPv4Address("TCP", host, port))
         self.protocol.makeConnection(self.transport)
 
     def send(self, data):
@@ -561,13 +561,7 @@ class HeldWritesTests(SynchronousTestCase):
         self.ports = iter(range(40000, 50000))
 
     def connect(self):
-        client = Client.__new__(Client)
-        port = next(self.ports)
-        address = IPv4Address("TCP", "127.0.0.1", port)
-        client.protocol = self.factory.buildProtocol(address)
-        client.transport = _CountingTransport(peerAddress=address)
-        client.protocol.makeConnection(client.transport)
-        return client
+        return Client(self.factory, next(self.ports), transport=_CountingTransport)
 
     def test_one_write_per_read(self):
         """The replies and deliveries that one read brings about go out in one write per connection, in order."""
