@@ -80,7 +80,11 @@ def _check_depth(line, value):
     Raise L{JSONError} if C{value}, decoded from C{line}, is nested deeper
     than L{MAX_DEPTH}; a line with fewer brackets cannot be.
     """
-    if line.count(b"[") + line.count(b"{") > MAX_DEPTH and depth(value) > MAX_DEPTH:
+    if (
+        len(line) > MAX_DEPTH
+        and line.count(b"[") + line.count(b"{") > MAX_DEPTH
+        and depth(value) > MAX_DEPTH
+    ):
         raise JSONError(_TOO_DEEP)
     return value
 

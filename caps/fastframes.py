@@ -43,15 +43,48 @@ def _typed_parser(msgspec):
         messageId: str | None = None
         ttl: int | float | None = None
 
+    # An acknowledgement as clients write it, event first, decoded with
+    # its payload's fields typed too.
+    class Acknowledged(msgspec.Struct, forbid_unknown_fields=True):
+        clientId: str
+        event: str
+        messageId: str
+
+    class Acknowledgement(msgspec.Struct, forbid_unknown_fields=True):
+        event: str
+        payload: Acknowledged
+        id: int | str | None = None
+
     # msgspec refuses a lone surrogate, so every string it gives can be
     # written as UTF-8 (parse_line checks messageIds for that).
     refused = (msgspec.DecodeError, ValueError, RecursionError)
     decode_frame = msgspec.json.Decoder(Frame).decode
+    decode_acknowledgement = msgspec.json.Decoder(Acknowledgement).decode
 
     def fast(line):
-        if line.count(b"[") + line.count(b"{") > _MAX_DEPTH:
-            # Perhaps nested too deeply (codec.MAX_DEPTH): left to
-            # parse_line, which says so.
+        # Nested more than codec.MAX_DEPTH deep needs more brackets than
+        # that (left to parse_line, which says so).
+        if len(line) > _MAX_DEPTH and (
+            line.count(b"[") + line.count(b"{") > _MAX_DEPTH
+        ):
+            return None
+        if line.startswith(b'{"event":"received",'):
+            try:
+                frame = decode_acknowledgement(line)
+            except refused:
+                return None
+            acknowledged = frame.payload
+            queue_event = acknowledged.event
+            # (A repeated "event" key may have changed the frame's event.)
+            if (
+                frame.event == "received"
+                and acknowledged.clientId in _VALID
+                and queue_event in _VALID
+                and queue_event not in _RESERVED
+            ):
+                return frame.id, _Received(
+                    acknowledged.clientId, queue_event, acknowledged.messageId
+                )
             return None
         try:
             frame = decode_frame(line)
@@ -60,23 +93,7 @@ def _typed_parser(msgspec):
         event = frame.event
         payload = frame.payload
         if event == "received":
-            if payload is None:
-                return None
-            client_id = payload.get("clientId")
-            queue_event = payload.get("event")
-            message_id = payload.get("messageId")
-            try:
-                valid = (
-                    client_id in _VALID
-                    and queue_event in _VALID
-                    and queue_event not in _RESERVED
-                    and type(message_id) is str
-                )
-            except TypeError:
-                # A list or an object where a name belongs (unhashable).
-                return None
-            if valid:
-                return frame.id, _Received(client_id, queue_event, message_id)
+            # Written in another order: left to parse_line.
             return None
         if event not in _VALID or event in _RESERVED or event.endswith(".dead"):
             return None

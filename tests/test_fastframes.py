@@ -123,6 +123,26 @@ class FastFramesTests(SynchronousTestCase):
         self.assertEqual(fastframes.fast(line), frames.parse_line(line))
         self.assertEqual(fastframes.fast(line)[1].to, ("driver-1",))
 
+    def test_acknowledgement_event_repeated(self):
+        """An acknowledgement whose "event" is given again, as another event, is parsed as that event, as parse_line parses it."""
+        line = (
+            b'{"event":"received","payload":{"clientId":"acme","event":"order",'
+            b'"messageId":"m"},"event":"order"}'
+        )
+        self.assertEqual(fastframes.parse_line(line), frames.parse_line(line))
+        self.assertIsInstance(frames.parse_line(line)[1], frames.Publish)
+
+    def test_acknowledgement_in_any_order(self):
+        """An acknowledgement whose fields come in another order is parsed all the same."""
+        line = (
+            b'{"id":7,"payload":{"messageId":"m","event":"order","clientId":"acme"},'
+            b'"event":"received"}'
+        )
+        self.assertEqual(
+            fastframes.parse_line(line),
+            (7, frames.Received("acme", "order", "m")),
+        )
+
     def test_nested_deeply(self):
         """At every depth of nesting up to past the recursion limit, a publish and an acknowledgement parse as parse_line parses them."""
         for depth in range(sys.getrecursionlimit() + 10):
