@@ -256,13 +256,19 @@ class Queue:
     def _head(self):
         """
         Where the oldest ready message is: C{"returned"}, C{"fresh"} or
-        L{None}, dropping removed entries from the heap on the way.
+        L{None} (none, or none that may go before the tail on disk is read
+        back), dropping removed entries from the heap on the way.
         """
         returned = self._returned
         while returned and returned[0][2].removed:
             heapq.heappop(returned)
         first = self._fresh.first()
         if returned and (first is None or returned[0][0] < seq_of(first)):
+            if returned[0][0] > self.last_seq and self.spilled:
+                # Moved here (a dead letter requeued) from past the messages
+                # in memory: older ones may still be on disk, to be read
+                # back and sent first.
+                return None
             return "returned"
         if first is not None:
             return "fresh"

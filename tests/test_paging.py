@@ -310,14 +310,14 @@ class PagingTests(_Paging, SynchronousTestCase):
 
 
 class RaceTests(_Paging, SynchronousTestCase):
-    def requeued_past_memory(self):
+    def requeued_past_memory(self, dies=12):
         """
         A restarted broker whose queue (q, e) has four messages in memory
-        (8 to 11), three on disk (13 to 15) and message 12 requeued from
-        its dead letters, past the messages in memory; from here on the
-        store's writes and reads wait for the test.
+        (8 to 11), three on disk (12 to 15 but C{dies}) and message C{dies}
+        requeued from its dead letters, past the messages in memory; from
+        here on the store's writes and reads wait for the test.
 
-        @return: the held writes, and the messageId of message 12.
+        @return: the held writes, and the messageId of message C{dies}.
         """
         self.open_broker(max_deliveries=3)
         for n in range(16):
@@ -330,8 +330,8 @@ class RaceTests(_Paging, SynchronousTestCase):
         self.assertEqual(sorted(sent), list(range(16)))
         for n in range(8):
             self.broker.received("q", "e", sent[n])
-        # Message 12 dies: given back three times.
-        self.broker.nack(conn, "q", "e", sent[12])
+        # It dies: given back three times.
+        self.broker.nack(conn, "q", "e", sent[dies])
         for _ in range(2):
             [again] = conn.take()
             self.broker.nack(conn, "q", "e", again["messageId"])
@@ -345,7 +345,7 @@ class RaceTests(_Paging, SynchronousTestCase):
         self.assertEqual(self.broker.requeue("q", "e")["requeued"], 1)
         self.clock.advance(0)
         held.release()  # the requeue is written
-        return held, sent[12]
+        return held, sent[dies]
 
     def drain(self, held, consumed):
         """
@@ -374,6 +374,39 @@ class RaceTests(_Paging, SynchronousTestCase):
             self.broker.received("q", "e", d["messageId"])
         self.broker.disconnect(conn)
         return seen
+
+    def test_requeued_after_older_messages_on_disk(self):
+        """A requeued message whose older neighbours are still on disk waits for them, however slowly the tail is read: the queue is sent in publish order."""
+        held, _ = self.requeued_past_memory(dies=14)
+        conn = RecordingConnection()
+        self.broker.connect(conn)
+        self.broker.subscribe(conn, "q", "e", prefetch=1)
+        got = []
+        for _ in range(40):
+            taken = conn.take()
+            for d in taken:
+                got.append(d["payload"]["n"])
+                self.broker.received("q", "e", d["messageId"])
+            if not taken:
+                if not held.held:
+                    break
+                held.release()  # a write, or the read of the tail, done late
+            self.clock.advance(0)
+        self.assertEqual(got, list(range(8, 16)))
+
+    def test_get_all_sends_requeued_after_older_messages_on_disk(self):
+        """getAll sends a requeued message after its older neighbours still on disk, in publish order."""
+        held, _ = self.requeued_past_memory(dies=14)
+        conn = RecordingConnection()
+        self.broker.connect(conn)
+        done = self.broker.get_all(conn, "q", "e")
+        got = [d["payload"]["n"] for d in conn.take()]
+        while held.held:
+            held.release()
+            self.clock.advance(0)
+            got += [d["payload"]["n"] for d in conn.take()]
+        self.assertEqual(self.successResultOf(done)["count"], 8)
+        self.assertEqual(got, list(range(8, 16)))
 
     def test_acknowledged_while_reading(self):
         """A requeued message acknowledged while the tail is being read back is not brought back by the read."""
