@@ -7,14 +7,19 @@ not timed tests), and its parts that need no processes.
 import io
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from unittest import skipIf
 
 from twisted.internet.testing import StringTransport
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from caps import bench, redisserver
+from caps.bench import instructions as benchinstructions
 from caps.bench import load as benchload
 from caps.bench import measure as benchmeasure
 from caps.bench import report as benchreport
@@ -108,6 +113,79 @@ def test_stall_smoke(tmp_path):
     _, rows = run_bench(tmp_path, "--stall", "--messages", "2000")
     assert [r["writer"] for r in rows] == ["thread", "reactor"]
     assert {r["messages"] for r in rows} == {2000}
+
+
+@skipIf(shutil.which("valgrind") is None, "needs valgrind")
+def test_instructions_smoke():
+    """python -m caps.bench.instructions counts the fast relay's and the broker's instructions per message under callgrind, and the broker, which keeps what the relay does not, executes more."""
+    result = subprocess.run(
+        [sys.executable, "-m", "caps.bench.instructions", "-s", "memory"]
+        + ["--small", "100", "--large", "300"],
+        capture_output=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    rows = dict(
+        re.findall(r"^(relay-fast|memory) +([\d,]+) ", result.stdout.decode(), re.M)
+    )
+    relay, broker = (
+        int(rows[name].replace(",", "")) for name in ("relay-fast", "memory")
+    )
+    assert 0 < relay < broker
+
+
+class InstructionsOptionsTests(SynchronousTestCase):
+    def parse(self, *argv):
+        options = benchinstructions.Options()
+        options.parseOptions(["--valgrind", sys.executable, *argv])
+        return options
+
+    def test_defaults(self):
+        """By default the four single-broker stores are counted, at 5,000 and 25,000 messages."""
+        options = self.parse()
+        self.assertEqual(
+            (options["stores"], options["small"], options["large"]), ([], 5000, 25000)
+        )
+        self.assertEqual(
+            benchinstructions.DEFAULT_STORES,
+            ("memory", "memory-no-event-log", "sqlite-full", "sqlite-normal"),
+        )
+
+    def test_sizes(self):
+        """The larger run must be larger."""
+        self.assertRaises(
+            usage.UsageError, self.parse, "--small", "300", "--large", "300"
+        )
+
+    def test_stores(self):
+        """Stores of one broker can be counted; several brokers cannot (one callgrind file each would be needed)."""
+        self.assertEqual(
+            self.parse("-s", "redis,memory")["stores"], ["redis", "memory"]
+        )
+        self.assertRaises(usage.UsageError, self.parse, "-s", "shared-2")
+        self.assertRaises(usage.UsageError, self.parse, "-s", "nothing")
+
+    def test_without_valgrind(self):
+        """Without valgrind it says so, instead of failing at the first broker."""
+        options = benchinstructions.Options()
+        error = self.assertRaises(
+            usage.UsageError,
+            options.parseOptions,
+            ["--valgrind", "/nonexistent/valgrind"],
+        )
+        self.assertIn("install valgrind", str(error))
+
+    def test_total(self):
+        """The count is read from callgrind's totals line, all threads together."""
+        scratch = tempfile.TemporaryDirectory(prefix="caps-test-")
+        self.addCleanup(scratch.cleanup)
+        path = os.path.join(scratch.name, "callgrind.out")
+        with open(path, "wb") as f:
+            f.write(b"events: Ir\nfn=main\n12 5\nsummary: 123456\ntotals: 123456\n")
+        self.assertEqual(benchinstructions.total(path), 123456)
+        with open(path, "wb") as f:
+            f.write(b"events: Ir\n")
+        self.assertRaises(RuntimeError, benchinstructions.total, path)
 
 
 class LoopbackTests(SynchronousTestCase):

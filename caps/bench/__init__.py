@@ -190,12 +190,13 @@ def publish(address, messages, window, latencies=None):
 
 
 @contextlib.contextmanager
-def running(name, *extra):
+def running(name, *extra, wrap=(), timeout=30.0):
     """
     The brokers (or the relay) of store C{name}, a list (several for the
     shared stores, on one Redis), stopped on the way out, with a
     C{start(target, *args, via=0)} that starts a client process of broker
-    C{via}, stopped too (first).
+    C{via}, stopped too (first).  C{wrap} and C{timeout} are
+    L{broker_process}'s; C{timeout} is also how long each has to stop.
     """
     with contextlib.ExitStack() as stack:
         workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="caps-bench-"))
@@ -210,10 +211,14 @@ def running(name, *extra):
         for _ in range(BROKERS.get(name, 1)):
             brokers.append(
                 broker_process(
-                    args, relay=name in RELAYS, store_pid=server and server.pid
+                    args,
+                    relay=name in RELAYS,
+                    store_pid=server and server.pid,
+                    wrap=wrap,
+                    timeout=timeout,
                 )
             )
-            stack.callback(brokers[-1].stop)
+            stack.callback(brokers[-1].stop, timeout)
         clients = []
 
         def alive(grace=0.0):

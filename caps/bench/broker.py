@@ -169,10 +169,11 @@ class BrokerProcess:
         self.process.stdout.close()
 
 
-def broker_process(args, relay=False, store_pid=None):
+def broker_process(args, relay=False, store_pid=None, wrap=(), timeout=30.0):
     """
     Start C{caps.relay} with C{args}, or a broker (twistd caps-broker)
-    listening on a free loopback port with C{args}.
+    listening on a free loopback port with C{args}; through the command
+    C{wrap} if given (valgrind ...), and with C{timeout} seconds to listen.
     """
     if relay:
         command = (sys.executable, "-m", "caps.relay", *args)
@@ -191,4 +192,4 @@ def broker_process(args, relay=False, store_pid=None):
             "100000",
             *args,
         )
-    return BrokerProcess(command, store_pid=store_pid)
+    return BrokerProcess((*wrap, *command), timeout, store_pid)
