@@ -149,9 +149,11 @@ class Queue:
     def ready_in_memory(self):
         """
         About how many fresh messages are ready in memory (an upper bound:
-        acknowledged ones may still be counted).
+        acknowledged ones may still be counted, but none at the head).
         """
-        return self._fresh.slots
+        fresh = self._fresh
+        fresh.first()
+        return fresh.slots
 
     def __contains__(self, message_id):
         return message_id in self._entries or self._fresh.find(message_id) >= 0

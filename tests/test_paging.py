@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from caps import packed
 from caps.broker import Broker
 from caps.frames import encode_json
+from caps.monitor import queue_row
 from caps.packed import pack
 from caps.store import StoreUnavailable
 from caps.store.redis import RedisStore
@@ -393,6 +394,25 @@ class RaceTests(_Paging, SynchronousTestCase):
                 held.release()  # a write, or the read of the tail, done late
             self.clock.advance(0)
         self.assertEqual(got, list(range(8, 16)))
+
+    def test_acknowledged_unsent_reads_the_tail(self):
+        """When the messages in memory of a queue nobody consumes are acknowledged by id, unsent, the tail on disk is read back: the dashboard shows the age of the oldest message left, not none."""
+        held, _ = self.requeued_past_memory(dies=14)
+        while held.held:
+            held.release()
+            self.clock.advance(0)
+        self.store._runner = synchronous
+        queue = self.broker.queue("q", "e")
+        last = queue.last_seq
+        in_memory = [e.message.id for e in queue.entries() if e.message.seq <= last]
+        self.assertEqual(len(in_memory), 4)
+        for message_id in in_memory:
+            self.broker.received("q", "e", message_id)
+        self.turn()
+        self.clock.advance(3600)
+        row = queue_row(self.broker, queue, self.clock.seconds())
+        self.assertEqual((row["depth"], queue.spilled), (4, 0))
+        self.assertEqual(row["oldestAge"], 3600)
 
     def test_get_all_sends_requeued_after_older_messages_on_disk(self):
         """getAll sends a requeued message after its older neighbours still on disk, in publish order."""
