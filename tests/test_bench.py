@@ -158,9 +158,10 @@ class InstructionsOptionsTests(SynchronousTestCase):
         )
 
     def test_stores(self):
-        """Stores of one broker can be counted; several brokers cannot (one callgrind file each would be needed)."""
+        """Stores of one broker (shared-1 too) can be counted; several brokers cannot (one callgrind file each would be needed)."""
         self.assertEqual(
-            self.parse("-s", "redis,memory")["stores"], ["redis", "memory"]
+            self.parse("-s", "redis,memory,shared-1")["stores"],
+            ["redis", "memory", "shared-1"],
         )
         self.assertRaises(usage.UsageError, self.parse, "-s", "shared-2")
         self.assertRaises(usage.UsageError, self.parse, "-s", "nothing")
@@ -186,6 +187,9 @@ class InstructionsOptionsTests(SynchronousTestCase):
         with open(path, "wb") as f:
             f.write(b"events: Ir\n")
         self.assertRaises(RuntimeError, benchinstructions.total, path)
+        os.remove(path)
+        error = self.assertRaises(RuntimeError, benchinstructions.total, path)
+        self.assertIn("did valgrind finish?", str(error))
 
 
 class LoopbackTests(SynchronousTestCase):

@@ -190,13 +190,14 @@ def publish(address, messages, window, latencies=None):
 
 
 @contextlib.contextmanager
-def running(name, *extra, wrap=(), timeout=30.0):
+def running(name, *extra, wrap=(), timeout=30.0, stop_timeout=10.0):
     """
     The brokers (or the relay) of store C{name}, a list (several for the
-    shared stores, on one Redis), stopped on the way out, with a
+    shared stores, on one Redis), stopped on the way out (SIGKILL if one
+    has not stopped C{stop_timeout} seconds after SIGTERM), with a
     C{start(target, *args, via=0)} that starts a client process of broker
     C{via}, stopped too (first).  C{wrap} and C{timeout} are
-    L{broker_process}'s; C{timeout} is also how long each has to stop.
+    L{broker_process}'s.
     """
     with contextlib.ExitStack() as stack:
         workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="caps-bench-"))
@@ -218,7 +219,7 @@ def running(name, *extra, wrap=(), timeout=30.0):
                     timeout=timeout,
                 )
             )
-            stack.callback(brokers[-1].stop, timeout)
+            stack.callback(brokers[-1].stop, stop_timeout)
         clients = []
 
         def alive(grace=0.0):

@@ -43,7 +43,7 @@ from caps.options import positive_int
 FLOOR = "relay-fast"
 DEFAULT_STORES = ("memory", "memory-no-event-log", "sqlite-full", "sqlite-normal")
 # Several brokers would write one callgrind file.
-COUNTABLE = [name for name in STORES if name not in BROKERS]
+COUNTABLE = [name for name in STORES if BROKERS.get(name, 1) == 1]
 # Seconds a process under callgrind may take to listen, and to stop.
 SLOW = 300.0
 _TOTAL = re.compile(rb"^(?:summary|totals): (\d+)", re.MULTILINE)
@@ -83,8 +83,11 @@ def total(path):
     """
     The instructions a callgrind output file counts, all threads.
     """
-    with open(path, "rb") as f:
-        match = _TOTAL.search(f.read())
+    try:
+        with open(path, "rb") as f:
+            match = _TOTAL.search(f.read())
+    except OSError as e:
+        raise RuntimeError(f"{path}: {e.strerror}: did valgrind finish?") from None
     if match is None:
         raise RuntimeError(f"{path} has no total: did valgrind finish?")
     return int(match.group(1))
@@ -96,7 +99,7 @@ def count(name, messages, window, valgrind, out):
     its stop, around a throughput run of C{messages}.
     """
     wrap = (valgrind, "--tool=callgrind", f"--callgrind-out-file={out}")
-    with running(name, wrap=wrap, timeout=SLOW) as (brokers, start):
+    with running(name, wrap=wrap, timeout=SLOW, stop_timeout=SLOW) as (brokers, start):
         measure_throughput(brokers, start, messages, window)
     return total(out)
 
