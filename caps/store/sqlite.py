@@ -215,6 +215,13 @@ class SQLiteStore(GroupCommit, RecordedChanges):
         """
         path = os.path.abspath(path)
         lock = _lock(path)
+        # sqlite3 binds a bytes parameter (a payload) only after looking
+        # for an adapter, and on CPython 3.11 that look-up raises and
+        # clears an AttributeError each time: 0.4 µs more per row
+        # inserted.  An adapter that gives the bytes back as they are is
+        # found at once.  (It is the module's, for every connection; for
+        # bytes it changes nothing but the time.)
+        sqlite3.register_adapter(bytes, bytes)
         try:
             connection = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False
