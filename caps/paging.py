@@ -43,10 +43,11 @@ class Paging:
             # are about to be sent, and packing them only to unpack them
             # again made up a tenth of a drain's time.
             window = min(window, packed.UNPACKED_CONSUMED)
-        if queue.ready_in_memory > window // 2:
+        ready = queue.ready_in_memory
+        if ready > window // 2:
             return
         queue.loading = True
-        limit = max(1, window - queue.ready_in_memory)
+        limit = max(1, window - ready)
         wait, queue.stale = queue.stale, False
         d = self.store.load_entries(queue, queue.last_seq, limit, wait)
         d.addCallbacks(
